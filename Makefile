@@ -1,0 +1,37 @@
+# make demo  : train the default CPU model with MARS-AdamW (installs what is missing first)
+# make test  : run the whole test suite, notebooks included (installs what is missing first)
+# make notebooks : re-execute every notebook in place, so committed outputs match the code
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU-only machine should pin the CPU build, e.g. `make test TORCH=torch==2.13.0`
+# (or install torch from https://download.pytorch.org/whl/cpu first): an unpinned torch
+# from PyPI is a multi-GB CUDA build.
+TORCH ?= torch>=2.4
+PY := $(VENV)/bin/python
+
+.PHONY: install test demo notebooks lint bench reproduce
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m mars_ref.train
+
+notebooks: install
+	$(PY) scripts/run_notebooks.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) benchmarks/step_time.py
+
+reproduce: install
+	$(PY) benchmarks/reproduce.py --quick

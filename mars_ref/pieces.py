@@ -1,0 +1,239 @@
+r"""The pieces MARS is made of, one small function each, usable on plain tensors.
+
+MARS (Yuan et al., arXiv 2411.10438) is a chain of five transformations of the
+stochastic gradient ``g_t = ∇f(x_t, ξ_t)``:
+
+    correction    c_t = g_t + γ · β1/(1−β1) · (g_t − g_prev)            (STORM, scaled)
+    clip          c_t ← c_t · min(1, τ/‖c_t‖)                            (τ = 1 per tensor)
+    momentum      m_t = β1 · m_{t−1} + (1−β1) · c_t
+    precondition  u_t = P(m_t)            AdamW: m̂/(√v̂+ε), Lion: sign(m), Shampoo: U Vᵀ
+    decay + step  x_{t+1} = x_t − η · (λ · x_t + u_t)
+
+The functions below compute one link each. They never keep state of their own: the
+optimizer (``mars_ref.optimizer.MARS``) owns ``m``, ``v`` and ``g_prev`` and passes
+them in; the notebooks call the very same functions on toy tensors.
+
+In-place functions end in ``_`` (as in torch); the others return new tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------
+# 1. Correction (STORM, scaled)
+# ---------------------------------------------------------------------------
+
+
+def storm_correction(grad: Tensor, grad_prev: Tensor, gamma: float, beta1: float) -> Tensor:
+    r"""The variance-reduced gradient estimate of MARS.
+
+    .. math::  c_t = g_t + γ \frac{β_1}{1-β_1} (g_t - g_{prev})
+
+    ``grad_prev`` is ``∇f(x_{t-1}, ξ_t)`` (exact MARS, same minibatch, previous point)
+    or ``g_{t-1}`` (approx MARS, the previous step's own gradient); zero at step 1.
+    With ``gamma = 0`` this is ``g_t`` and MARS falls back to its base optimizer.
+    """
+    scale = gamma * beta1 / (1.0 - beta1)
+    #   c_t = g_t + scale · (g_t − g_prev)
+    return torch.add(grad, grad - grad_prev, alpha=scale)
+
+
+def storm_estimator(grad: Tensor, grad_prev: Tensor, d_prev: Tensor, a: float) -> Tensor:
+    r"""The original STORM recursion (Cutkosky & Orabona, 2019), for comparison.
+
+    .. math::  d_t = g_t + (1-a)(d_{t-1} - g_{prev})
+
+    MARS folds this recursion into its momentum. Expanding ``m_t = β1 m_{t−1} + (1−β1) c_t``
+    with ``c_t`` from :func:`storm_correction` gives
+    ``m_t = (1−β1) g_t + β1 m_{t−1} + γ β1 (g_t − g_prev)``; at ``γ = 1`` (no clipping)
+    that is ``m_t = g_t + β1 (m_{t−1} − g_prev)``: exactly STORM with ``1 − a = β1``.
+    ``γ`` interpolates between plain momentum (γ = 0) and full STORM (γ = 1).
+    """
+    #   d_t = g_t + (1 − a) · (d_{t−1} − g_prev)
+    return torch.add(grad, d_prev - grad_prev, alpha=1.0 - a)
+
+
+# ---------------------------------------------------------------------------
+# 2. Clipping
+# ---------------------------------------------------------------------------
+
+
+def clip_by_norm(c: Tensor, max_norm: float = 1.0) -> Tensor:
+    r"""Clip one tensor by its own Euclidean norm (the authors' rule, ``max_norm = 1``).
+
+    .. math::  c ← c · \min(1, τ / ‖c‖_2)
+
+    The authors write ``if ‖c‖ > 1: c = c / ‖c‖``; this is the same for ``τ = 1``.
+    """
+    norm = torch.linalg.vector_norm(c)
+    #   if ‖c‖ > τ:  c ← c · τ/‖c‖
+    if norm > max_norm:
+        return c * (max_norm / norm)
+    return c
+
+
+def clip_by_global_norm(cs: Sequence[Tensor], max_norm: float = 1.0) -> list[Tensor]:
+    r"""Clip a list of tensors together by the norm of their concatenation (Levanter's rule).
+
+    .. math::  c_i ← c_i · \min(1, τ / \sqrt{\textstyle\sum_j ‖c_j‖^2})
+    """
+    if len(cs) == 0:
+        return []
+    #   ‖c‖_global = sqrt(Σ_j ‖c_j‖²)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c).double() for c in cs]))
+    if norm > max_norm:
+        #   c_i ← c_i · τ/‖c‖_global
+        return [c * (max_norm / norm).to(c.dtype) for c in cs]
+    return list(cs)
+
+
+# ---------------------------------------------------------------------------
+# 3. Momentum (and the second moment of the AdamW branch)
+# ---------------------------------------------------------------------------
+
+
+def momentum_(m: Tensor, c: Tensor, beta1: float) -> Tensor:
+    r"""Exponential moving average, in place.   .. math:: m_t = β_1 m_{t-1} + (1-β_1) c_t"""
+    return m.mul_(beta1).add_(c, alpha=1.0 - beta1)
+
+
+def second_moment_(v: Tensor, c: Tensor, beta2: float) -> Tensor:
+    r"""Second moment, in place.   .. math:: v_t = β_2 v_{t-1} + (1-β_2) c_t^2
+
+    In MARS-AdamW ``c`` is the clipped corrected gradient, not ``g_t``.
+    """
+    return v.mul_(beta2).addcmul_(c, c, value=1.0 - beta2)
+
+
+# ---------------------------------------------------------------------------
+# 4. Preconditioners: each maps momentum (and state) to an update direction u_t
+# ---------------------------------------------------------------------------
+
+
+def adamw_direction(m: Tensor, v: Tensor, step: int, beta1: float, beta2: float, eps: float) -> Tensor:
+    r"""AdamW's diagonal preconditioner with the authors' ε placement.
+
+    .. math::  \mathrm{denom} = \left(\frac{\sqrt{v_t}}{\sqrt{1-β_2^t}} + ε\right)(1-β_1^t),
+               \qquad u_t = m_t / \mathrm{denom}
+
+    ε sits *after* the √(1−β2^t) scaling, exactly as in ``torch.optim.AdamW``.
+    """
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    #   denom = (√v_t / √(1−β2^t) + ε) · (1−β1^t)
+    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps).mul_(bias_correction1)
+    #   u_t = m_t / denom
+    return m / denom
+
+
+def lion_direction(m: Tensor) -> Tensor:
+    r"""Lion's preconditioner as MARS uses it:  .. math:: u_t = \mathrm{sign}(m_t)
+
+    Note: ``m_t`` is the β1-average of the clipped ``c_t``. Lion itself (Chen et al.,
+    2023) uses ``sign(β1 m_{t−1} + (1−β1) g_t)`` with a second β for the stored
+    average; the two coincide when Lion's β1 = β2 (see ``baselines.Lion``).
+    """
+    return torch.sign(m)
+
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(
+    M: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16
+) -> Tensor:
+    r"""Approximate ``U Vᵀ`` of ``M = U Σ Vᵀ`` by the quintic Newton–Schulz iteration.
+
+    .. math::
+        X_0 = M / (‖M‖_F + ε), \qquad
+        A = X X^T,\; B = A X,\; X ← aX + bB + cAB \quad (\text{``steps'' times})
+
+    with the authors' ``(a, b, c) = (3.4445, −4.7750, 2.0315)``. These coefficients
+    push every singular value into roughly [0.7, 1.2] fast instead of converging to
+    exactly 1, so the result is close to, not equal to, ``U Vᵀ``. ``dtype`` is the
+    compute dtype (the authors use bfloat16; ``None`` keeps ``M``'s dtype).
+    """
+    if M.ndim != 2:
+        raise ValueError(f"newton_schulz needs a 2-D tensor, got shape {tuple(M.shape)}")
+    a, b, c = NS_COEFFICIENTS
+    X = M if dtype is None else M.to(dtype)
+    #   X_0 = M / (‖M‖_F + ε)
+    X = X / (torch.linalg.norm(X) + eps)
+    tall = M.size(0) > M.size(1)
+    if tall:  # iterate on the wide orientation, so X Xᵀ is the smaller Gram matrix
+        X = X.T
+    for _ in range(steps):
+        #   A = X Xᵀ
+        A = X @ X.T
+        #   B = A X
+        B = A @ X
+        #   X ← a X + b B + c A B
+        X = a * X + b * B + c * A @ B
+    if tall:
+        X = X.T
+    return X.to(M.dtype)
+
+
+def polar_svd(M: Tensor) -> Tensor:
+    r"""One-step Shampoo, exactly:  ``U Vᵀ`` where ``M = U Σ Vᵀ`` (thin SVD).
+
+    This is what Shampoo's ``L^{-1/4} M R^{-1/4}`` becomes with ``L = M Mᵀ`` and
+    ``R = Mᵀ M`` taken from this one matrix, no accumulation, no ε:
+    ``(UΣ²Uᵀ)^{-1/4} UΣVᵀ (VΣ²Vᵀ)^{-1/4} = U Σ^{-1/2} Σ Σ^{-1/2} Vᵀ = U Vᵀ``.
+    """
+    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U @ Vh
+
+
+def inverse_root(A: Tensor, root: int = 4, eps: float = 1e-12) -> Tensor:
+    r"""``(A + εI)^{-1/root}`` of a symmetric positive semi-definite matrix, by eigendecomposition.
+
+    .. math::  A = Q Λ Q^T \;\Rightarrow\; (A+εI)^{-1/r} = Q (Λ+ε)^{-1/r} Q^T
+    """
+    eigenvalues, Q = torch.linalg.eigh(A)
+    #   (Λ + ε)^{−1/r}, with tiny negative eigenvalues from round-off clamped to 0
+    scale = (eigenvalues.clamp(min=0) + eps).pow(-1.0 / root)
+    return (Q * scale) @ Q.T
+
+
+def shampoo_factors_(L: Tensor, R: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Accumulate Shampoo's Kronecker factors, in place.
+
+    .. math::  L_t = L_{t-1} + G G^T, \qquad R_t = R_{t-1} + G^T G
+    """
+    L.addmm_(G, G.T)
+    R.addmm_(G.T, G)
+    return L, R
+
+
+def shampoo_direction(L: Tensor, R: Tensor, M: Tensor, eps: float = 1e-12) -> Tensor:
+    r"""Full Shampoo's update direction (Gupta et al., 2018).
+
+    .. math::  u = L^{-1/4} \, M \, R^{-1/4}
+    """
+    return inverse_root(L, 4, eps) @ M @ inverse_root(R, 4, eps)
+
+
+def shampoo_scale(shape: Sequence[int]) -> float:
+    r"""The authors' shape factor for the orthogonalised update: ``sqrt(max(1, rows/cols))``."""
+    rows, cols = shape
+    return max(1.0, rows / cols) ** 0.5
+
+
+# ---------------------------------------------------------------------------
+# 5. Decay and step
+# ---------------------------------------------------------------------------
+
+
+def decoupled_step_(p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> Tensor:
+    r"""Decoupled weight decay applied to the pre-update point, then the step, in place.
+
+    .. math::  x_{t+1} = x_t - η (λ x_t + u_t)
+    """
+    #   x_{t+1} = x_t − η · (λ · x_t + u_t)
+    return p.add_(torch.add(direction, p, alpha=weight_decay), alpha=-lr)
