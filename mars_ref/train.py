@@ -1,0 +1,665 @@
+"""Train a GPT-2 with MARS or a baseline optimizer:  ``python -m mars_ref.train [--flags]``.
+
+With no flags this trains the ``cpu-tiny`` preset (4 layers × 128, character-level
+Shakespeare, prepared offline on first use) with MARS-AdamW on the CPU for about two
+minutes. ``--preset gpt2-small`` is the paper's GPT-2 small recipe on OpenWebText (§9 of
+``docs/mars-algorithm.md``); under ``torchrun`` it trains with DistributedDataParallel.
+
+The recipe, for every optimizer:
+
+* linear warm-up for ``warmup_iters`` steps, then cosine decay to ``min_lr`` at
+  ``lr_decay_iters`` (a ``LambdaLR`` that scales every group's lr, so MARS's and Muon's
+  1-D learning rates follow the same schedule);
+* the gradient of one step is the mean over ``grad_accum`` micro-batches of
+  ``batch_size`` sequences (over all processes together), clipped by its global norm
+  (``clip_grad_norm_``, 1.0) *before* the optimizer sees it;
+* ``--exact`` (MARS only) calls ``optimizer.step(closure)``: the closure zeroes the
+  gradients, runs the same micro-batches, clips, and returns the loss; MARS calls it a
+  second time at the previous point. ``grad_evals`` in the metrics counts closure calls
+  (one full-batch gradient each).
+
+Data sampling is a pure function: micro-batch ``j`` of step ``s`` is drawn by
+``numpy.random.default_rng((seed, stream, s, j))``. So a resumed run reads exactly the
+batches the uninterrupted run would have, whatever the number of processes (process
+``r`` of ``W`` takes micro-batches ``j ≡ r (mod W)``), and the loss trajectory of a
+resumed run is bit-identical to an uninterrupted one (tested). The checkpoint holds the
+model, optimizer, scheduler, the data position (the step), every process's RNG states
+and the config.
+
+Outputs in ``--out-dir`` (``runs/<preset>-<optimizer>`` by default): ``config.json``,
+``metrics.jsonl`` (one JSON object per log / eval / variance measurement) and ``ckpt.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .baselines import Lion, Muon
+from .model import GPT, preset as model_preset
+from .optimizer import MARS
+
+OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo")
+CHECKPOINT_FORMAT = "mars_ref.train/1"
+
+# Random streams of the data sampler: one per use, so adding evaluations never shifts training batches.
+TRAIN_STREAM, VAL_STREAM, HELDOUT_STREAM = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. ``None`` means "take it from the preset and optimizer recipe"."""
+
+    preset: str = field(default="cpu-tiny", metadata={"help": "training preset: " + ", ".join(
+        ["cpu-tiny", "cpu-mini", "gpt2-small", "gpt2-medium", "gpt2-large"])})
+    optimizer: str = field(default="mars-adamw", metadata={"help": "one of " + ", ".join(OPTIMIZERS)})
+    exact: bool = field(default=False, metadata={"help": "exact MARS: 2 gradient evaluations per step"})
+    # model
+    model: str | None = field(default=None, metadata={"help": "model preset (mars_ref.model.PRESETS)"})
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    dropout: float | None = None
+    bias: bool | None = None
+    # data
+    dataset: str | None = field(default=None, metadata={"help": "data set name for mars_ref.data.prepare"})
+    data_dir: str = "data"
+    batch_size: int | None = field(default=None, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int | None = field(default=None, metadata={
+        "help": "micro-batches per optimizer step, over all processes (a multiple of the world size)"})
+    # schedule and optimizer (None: the recipe for this preset and optimizer)
+    max_iters: int | None = None
+    warmup_iters: int | None = None
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "end of the cosine (default max_iters)"})
+    lr: float | None = None
+    min_lr: float | None = None
+    lr_1d: float | None = field(default=None, metadata={"help": "lr of the AdamW fallback (MARS, Muon)"})
+    beta1: float | None = field(default=None, metadata={"help": "β1 (Muon: its momentum)"})
+    beta2: float | None = None
+    weight_decay: float | None = None
+    gamma: float | None = field(default=None, metadata={"help": "MARS variance-reduction scale γ"})
+    grad_clip: float | None = field(default=None, metadata={"help": "global gradient-norm clip (0 = off)"})
+    # logging, evaluation, checkpoints
+    eval_interval: int | None = None
+    eval_iters: int | None = field(default=None, metadata={"help": "validation micro-batches per evaluation"})
+    log_interval: int | None = None
+    ckpt_interval: int | None = field(default=None, metadata={"help": "steps between checkpoints (0 = end only)"})
+    variance_every: int = field(default=0, metadata={"help": "gradient-variance measurement every K steps"})
+    variance_batches: int = field(default=16, metadata={"help": "held-out micro-batches for the full gradient"})
+    sample_tokens: int | None = field(default=None, metadata={"help": "tokens to sample at the end (0 = none)"})
+    out_dir: str | None = field(default=None, metadata={"help": "run directory (default runs/<preset>-<opt>)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/ckpt.pt"})
+    seed: int = 1337
+    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA), float32, bfloat16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+
+
+# The run shapes. CPU presets train character-level Shakespeare in about two minutes.
+TRAIN_PRESETS: dict[str, dict] = {
+    "cpu-tiny": dict(model="cpu-tiny", dataset="shakespeare", batch_size=16, grad_accum=1,
+                     max_iters=900, warmup_iters=50, eval_interval=150, eval_iters=20, log_interval=10,
+                     ckpt_interval=300, sample_tokens=300),
+    "cpu-mini": dict(model="cpu-mini", dataset="shakespeare", batch_size=32, grad_accum=1,
+                     max_iters=2000, warmup_iters=50, eval_interval=250, eval_iters=20, log_interval=10,
+                     ckpt_interval=500, sample_tokens=300),
+    # The paper's runs: 100k steps of 480 × 1024 tokens (15 sequences × 32 micro-batches).
+    **{name: dict(model=name, dataset="openwebtext", batch_size=15, grad_accum=32, max_iters=100_000,
+                  warmup_iters=2000, eval_interval=1000, eval_iters=200, log_interval=10,
+                  ckpt_interval=1000, sample_tokens=0)
+       for name in ("gpt2-small", "gpt2-medium", "gpt2-large")},
+}
+
+_MARS = dict(beta1=0.95, beta2=0.99, weight_decay=1e-2, gamma=0.025, grad_clip=1.0)
+_ADAMW = dict(beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0)
+# Not from the paper (no Lion runs there): Chen et al.'s advice, lr 3-10× below AdamW's, λ 3-10× above.
+_LION = dict(beta1=0.9, beta2=0.99, weight_decay=1.0, grad_clip=1.0)
+# The authors' Muon configs: Muon lr 2e-2 (small), 1e-2 (medium), no decay on the Muon tensors.
+_MUON = dict(beta1=0.95, beta2=0.95, weight_decay=0.0, grad_clip=1.0)
+
+
+def _gpt2_recipe(mars_lr, lr_1d, adamw_lr, min_lr, muon_lr):
+    return {
+        "mars-adamw": dict(_MARS, lr=mars_lr, lr_1d=lr_1d, min_lr=min_lr),
+        # MARS-Lion and MARS-Shampoo at GPT-2 scale: not in the paper's table; set like Lion and Muon.
+        "mars-lion": dict(_MARS, lr=adamw_lr / 6, lr_1d=lr_1d, min_lr=min_lr / 10, weight_decay=1.0),
+        "mars-shampoo": dict(_MARS, lr=muon_lr, lr_1d=lr_1d, min_lr=muon_lr / 100, weight_decay=0.0),
+        "adamw": dict(_ADAMW, lr=adamw_lr, lr_1d=adamw_lr, min_lr=min_lr),
+        "lion": dict(_LION, lr=adamw_lr / 6, lr_1d=adamw_lr / 6, min_lr=min_lr / 10),
+        "muon": dict(_MUON, lr=muon_lr, lr_1d=lr_1d, min_lr=muon_lr * min_lr / lr_1d),
+    }
+
+
+# (preset, optimizer) -> optimizer hyperparameters. GPT-2 rows: §9 of docs/mars-algorithm.md.
+OPTIM_RECIPES: dict[str, dict[str, dict]] = {
+    "gpt2-small": _gpt2_recipe(mars_lr=6e-3, lr_1d=3e-3, adamw_lr=6e-4, min_lr=3e-5, muon_lr=2e-2),
+    "gpt2-medium": _gpt2_recipe(mars_lr=3e-3, lr_1d=1.5e-3, adamw_lr=3e-4, min_lr=6e-5, muon_lr=1e-2),
+    "gpt2-large": _gpt2_recipe(mars_lr=2e-3, lr_1d=1e-3, adamw_lr=2e-4, min_lr=1e-5, muon_lr=6.7e-3),
+}
+# CPU presets: tuned here on character-level Shakespeare (4 × 128, 900 steps of 16 × 128).
+_CPU = {
+    "mars-adamw": dict(_MARS, lr=1e-2, lr_1d=5e-3, min_lr=1e-4),
+    "mars-lion": dict(_MARS, lr=1e-3, lr_1d=5e-3, min_lr=1e-5, weight_decay=0.1),
+    "mars-shampoo": dict(_MARS, lr=3e-2, lr_1d=5e-3, min_lr=3e-4, weight_decay=0.0),
+    "adamw": dict(_ADAMW, lr=3e-3, lr_1d=3e-3, min_lr=3e-5),
+    "lion": dict(_LION, lr=5e-4, lr_1d=5e-4, min_lr=5e-6, weight_decay=0.3),
+    "muon": dict(_MUON, lr=3e-2, lr_1d=5e-3, min_lr=3e-4),
+}
+OPTIM_RECIPES["cpu-tiny"] = OPTIM_RECIPES["cpu-mini"] = _CPU
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill every ``None`` field: from the training preset, then from the optimizer recipe."""
+    if cfg.preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
+    if cfg.exact and not cfg.optimizer.startswith("mars"):
+        raise ValueError(f"--exact is a MARS option; optimizer {cfg.optimizer!r} has no exact mode")
+    defaults = {**TRAIN_PRESETS[cfg.preset], **OPTIM_RECIPES[cfg.preset][cfg.optimizer]}
+    filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    cfg = replace(cfg, **filled)
+    mc = model_preset(cfg.model)
+    cfg = replace(cfg, **{k: getattr(mc, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout",
+                                                        "bias") if getattr(cfg, k) is None})
+    if cfg.lr_decay_iters is None:
+        cfg = replace(cfg, lr_decay_iters=cfg.max_iters)
+    if cfg.out_dir is None:
+        cfg = replace(cfg, out_dir=str(Path("runs") / f"{cfg.preset}-{cfg.optimizer}{'-exact' if cfg.exact else ''}"))
+    missing = [f.name for f in fields(cfg) if getattr(cfg, f.name) is None]
+    assert not missing, f"unresolved config fields {missing}"
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag`` per ``TrainConfig`` field (defaults suppressed, so we can
+    tell which flags were given)."""
+    parser = argparse.ArgumentParser(prog="python -m mars_ref.train", description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        help_text = f.metadata.get("help", "")
+        default = f.default
+        help_text += f" (default: {'from preset' if default is None else default})"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            choices = OPTIMIZERS if f.name == "optimizer" else (sorted(TRAIN_PRESETS) if f.name == "preset"
+                                                                else None)
+            parser.add_argument(flag, type=base, choices=choices, help=help_text)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
+    """The config from the command line, and the dict of flags that were given explicitly."""
+    given = vars(build_parser().parse_args(argv))
+    return TrainConfig(**given), given
+
+
+# ----------------------------------------------------------------------------- processes and devices
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPUs)."""
+    if "RANK" not in os.environ:
+        return Dist()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+
+
+def pick_device(name: str, d: Dist) -> str:
+    """``auto``: CUDA, then Apple's MPS, then the CPU. Under torchrun one GPU per local rank."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda" and "RANK" in os.environ:
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return name
+
+
+def autocast_context(device: str, dtype: str):
+    """bfloat16 autocast on CUDA when ``dtype`` is auto or bfloat16; plain float32 elsewhere."""
+    kind = device.split(":")[0]
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    if dtype != "bfloat16":
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Batches:
+    """Micro-batches as a pure function of (seed, stream, step, index): no sampler state to lose."""
+
+    def __init__(self, data_path: Path, seed: int, block_size: int, batch_size: int, device: str):
+        self.splits = {s: np.memmap(data_path / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
+        for s, tokens in self.splits.items():
+            if len(tokens) <= block_size + 1:
+                raise ValueError(f"{data_path / (s + '.bin')} has {len(tokens)} tokens: too few for "
+                                 f"block_size={block_size}")
+        self.seed, self.block_size, self.batch_size, self.device = seed, block_size, batch_size, device
+
+    def get(self, split: str, stream: int, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` random windows of ``block_size + 1`` tokens: inputs and next-token targets."""
+        tokens = self.splits[split]
+        rng = np.random.default_rng((self.seed, stream, step, index))
+        starts = rng.integers(0, len(tokens) - self.block_size - 1, size=self.batch_size)
+        xy = torch.from_numpy(np.stack([tokens[i:i + self.block_size + 1] for i in starts]).astype(np.int64))
+        if self.device.startswith("cuda"):
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        else:
+            xy = xy.to(self.device)
+        return xy[:, :-1], xy[:, 1:]
+
+
+def prepare_data(cfg: TrainConfig, d: Dist) -> tuple[Path, dict]:
+    """Prepare the data set (rank 0 first, the others wait) and read its meta.json."""
+    from . import data
+
+    if d.master:
+        path = Path(data.prepare(cfg.dataset, data_dir=cfg.data_dir))
+    if d.world > 1:
+        dist.barrier()
+    if not d.master:
+        path = Path(data.prepare(cfg.dataset, data_dir=cfg.data_dir))
+    return path, data.load_meta(path)
+
+
+# ----------------------------------------------------------------------------- optimizers and schedule
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` with the recipe's hyperparameters.
+
+    AdamW and Lion decay only the ≥2-D tensors (nanoGPT's two groups). MARS and Muon take
+    every tensor in one group: they send the non-2-D ones to their own AdamW fallback
+    (``lr_1d``, betas (0.9, 0.95), weight decay 0.1, as the authors' code).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer in ("adamw", "lion"):
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        if cfg.optimizer == "adamw":
+            fused = device.split(":")[0] in ("cuda", "cpu")
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=1e-8, fused=fused)
+        return Lion(groups, lr=cfg.lr, betas=betas)
+    if cfg.optimizer == "muon":
+        return Muon(params, lr=cfg.lr, momentum=cfg.beta1, weight_decay=cfg.weight_decay, lr_1d=cfg.lr_1d)
+    return MARS(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, gamma=cfg.gamma,
+                preconditioner=cfg.optimizer.removeprefix("mars-"), exact=cfg.exact, lr_1d=cfg.lr_1d)
+
+
+def lr_factor(cfg: TrainConfig):
+    """Multiplier of the peak lr for the step with 0-based index ``it``: linear warm-up to 1 over
+    ``warmup_iters`` steps, then cosine decay to ``min_lr / lr`` at ``lr_decay_iters``, flat after."""
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+
+    def factor(it: int) -> float:
+        if it < cfg.warmup_iters:
+            return (it + 1) / cfg.warmup_iters
+        if it >= cfg.lr_decay_iters:
+            return floor
+        progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+        return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or not one of ours."""
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a temporary file in the same directory, fsync, then ``os.replace``.
+
+    A run killed at any moment leaves either the previous checkpoint or the new one, whole.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint, or raise ``CheckpointError`` naming the file: never start afresh silently."""
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {path} (run without --resume to start a new run)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, bad pickle, ...: all mean the same thing here
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}: {e}). "
+            f"Restore a good copy, or delete it and start again without --resume."
+        ) from e
+    required = {"format", "step", "config", "model", "optimizer", "scheduler", "rng", "metrics"}
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= state.keys():
+        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint "
+                              f"(missing {sorted(required - set(state)) if isinstance(state, dict) else 'all'})")
+    return state
+
+
+def rng_states(device: str) -> dict:
+    """Every random state this process uses (torch CPU and CUDA for dropout; numpy and random for luck)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_states(states: dict, device: str) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(states["cuda"], device)
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    """The records of a metrics.jsonl (a torn last line is skipped), optionally only up to a step."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if up_to_step is None or record.get("step", 0) <= up_to_step:
+                records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, given: dict | None = None) -> dict:
+    """Run (or resume) one training run. Returns a summary dict (last losses, steps, seconds)."""
+    given = given or {}
+    d = setup_distributed(pick_device(cfg.device, Dist()))
+    device = pick_device(cfg.device, d)
+    cfg = resolve(cfg)
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        saved = TrainConfig(**ckpt["config"])
+        # The saved config, with the flags given on this command line on top (say what changed).
+        overrides = {k: v for k, v in given.items() if k != "resume" and getattr(saved, k) != v}
+        if overrides and d.master:
+            print(f"resume: overriding the checkpoint's config with {overrides}")
+        cfg = replace(saved, **overrides, resume=True)
+        device = pick_device(cfg.device, d)
+    if cfg.grad_accum % d.world:
+        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the number of processes ({d.world})")
+
+    data_path, meta = prepare_data(cfg, d)
+    vocab_size = meta["vocab_size"]
+    if meta.get("tokenizer") == "gpt2":
+        vocab_size = 64 * math.ceil(vocab_size / 64)  # 50257 -> 50304: faster matmuls
+
+    # Same initial weights on every process (DDP also broadcasts rank 0's), then one dropout stream each.
+    torch.manual_seed(cfg.seed)
+    model_cfg = model_preset(cfg.model, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout)
+    model_cfg = replace(model_cfg, bias=cfg.bias)
+    model = GPT(model_cfg).to(device)
+    torch.manual_seed(cfg.seed + 1 + d.rank)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+
+    start_step, elapsed, grad_evals = 0, 0.0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_step, elapsed, grad_evals = ckpt["step"], ckpt["metrics"]["elapsed"], ckpt["metrics"]["grad_evals"]
+        per_rank = ckpt["rng"]
+        if len(per_rank) == d.world:
+            set_rng_states(per_rank[d.rank], device)
+        elif d.master:
+            print(f"resume: checkpoint written by {len(per_rank)} processes, now {d.world}: "
+                  "dropout random streams start afresh")
+        del ckpt
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if d.world > 1:
+        # MARS copies g_prev out of .grad, so DDP may reuse its buckets as the .grad tensors.
+        model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None,
+                    gradient_as_bucket_view=True)
+
+    batches = Batches(data_path, cfg.seed, cfg.block_size, cfg.batch_size, device)
+    autocast = autocast_context(device, cfg.dtype)
+    my_micro = list(range(d.rank, cfg.grad_accum, d.world))  # this process's share of each global batch
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if d.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A resumed run rewrites what the killed run logged after its last checkpoint.
+        kept = read_metrics(metrics_path, up_to_step=start_step) if start_step > 0 else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        (out_dir / "config.json").write_text(json.dumps(
+            {**asdict(cfg), "world_size": d.world, "device": device, "vocab_size": vocab_size,
+             "n_params": raw_model.num_params(), "tokens_per_step": tokens_per_step}, indent=2) + "\n")
+
+    def log(record: dict) -> None:
+        if d.master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def all_mean(x: torch.Tensor) -> float:
+        if d.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+            x /= d.world
+        return x.item()
+
+    @torch.no_grad()
+    def val_loss() -> float:
+        """Mean loss on the same ``eval_iters`` validation micro-batches every time (split over processes)."""
+        raw_model.eval()
+        total = torch.zeros((), device=device)
+        for k in range(d.rank, cfg.eval_iters, d.world):
+            x, y = batches.get("val", VAL_STREAM, 0, k)
+            with autocast:
+                total += raw_model(x, y)[1].float()
+        raw_model.train()
+        if d.world > 1:
+            dist.all_reduce(total)
+        return total.item() / cfg.eval_iters
+
+    variance = None
+    if cfg.variance_every > 0 and d.master:
+        from .variance import VarianceProbe
+
+        held_out = [batches.get("train", HELDOUT_STREAM, 0, k) for k in range(cfg.variance_batches)]
+        variance = VarianceProbe(raw_model, optimizer, cfg, held_out, autocast)
+
+    state = {"step": start_step, "calls": 0, "loss": None, "norm": None, "variance_seconds": 0.0}
+
+    def closure() -> torch.Tensor:
+        """Gradient of the step's global batch at the current parameters: zero, accumulate, clip."""
+        nonlocal grad_evals
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for i, j in enumerate(my_micro):
+            x, y = batches.get("train", TRAIN_STREAM, state["step"], j)
+            sync = model.no_sync() if d.world > 1 and i < len(my_micro) - 1 else nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = model(x, y)
+                (loss / len(my_micro)).backward()
+            loss_sum += loss.detach().float()
+        norm = None
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        grad_evals += 1
+        state["calls"] += 1
+        loss = loss_sum / len(my_micro)
+        if state["calls"] == 1:  # the gradient at x_t: what we log and what the variance probe measures
+            state["loss"], state["norm"] = loss, norm
+            if variance is not None and (state["step"] + 1) % cfg.variance_every == 0:
+                t0 = time.perf_counter()
+                record = variance.measure(state["step"] + 1, norm, cfg.grad_clip,
+                                          [batches.get("train", TRAIN_STREAM, state["step"], j)
+                                           for j in range(cfg.grad_accum)])
+                state["variance_seconds"] += time.perf_counter() - t0
+                log({"kind": "variance", "step": state["step"] + 1, "tokens": (state["step"] + 1) * tokens_per_step,
+                     **record})
+        return loss
+
+    bar = tqdm(total=cfg.max_iters, initial=start_step, desc=f"{cfg.preset} {cfg.optimizer}", unit="step",
+               dynamic_ncols=True, **({} if d.master else {"disable": True}))
+    t_start = time.perf_counter()
+
+    def clock() -> float:
+        """Wall-clock seconds of training so far, over all resumptions, without the variance probe."""
+        return elapsed + time.perf_counter() - t_start - state["variance_seconds"]
+
+    if start_step == 0 and cfg.eval_interval > 0:
+        v = val_loss()
+        log({"kind": "eval", "step": 0, "tokens": 0, "time": clock(), "train_loss": None, "val_loss": v,
+             "lr": optimizer.param_groups[0]["lr"], "grad_evals": 0})
+
+    last_val, loss_value = None, None
+    window_tokens, window_t = 0, time.perf_counter()
+    for step in range(start_step, cfg.max_iters):
+        state["step"], state["calls"] = step, 0
+        lr = optimizer.param_groups[0]["lr"]
+        if cfg.exact:
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
+        scheduler.step()
+        done = step + 1
+        window_tokens += tokens_per_step
+
+        if done % cfg.log_interval == 0 or done == cfg.max_iters:
+            loss_value = all_mean(state["loss"])
+            now = time.perf_counter()
+            tok_s = window_tokens / max(now - window_t, 1e-9)
+            window_tokens, window_t = 0, now
+            norm = state["norm"].item() if state["norm"] is not None else None
+            log({"kind": "train", "step": done, "tokens": done * tokens_per_step, "time": clock(),
+                 "train_loss": loss_value, "lr": lr, "grad_norm": norm, "grad_evals": grad_evals})
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        if cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
+            last_val = val_loss()
+            log({"kind": "eval", "step": done, "tokens": done * tokens_per_step, "time": clock(),
+                 "train_loss": loss_value, "val_loss": last_val, "lr": lr, "grad_evals": grad_evals})
+            bar.write(f"step {done}: val loss {last_val:.4f}, train loss {loss_value:.4f}, "
+                      f"{clock():.1f} s") if d.master else None
+        if (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0) or done == cfg.max_iters:
+            checkpoint = {
+                "format": CHECKPOINT_FORMAT, "step": done, "config": asdict(cfg),
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data": {"sampler": "numpy default_rng((seed, stream, step, micro-batch))", "seed": cfg.seed,
+                         "next_step": done},
+                "rng": gather(rng_states(device), d),
+                "metrics": {"elapsed": clock(), "grad_evals": grad_evals, "tokens": done * tokens_per_step},
+            }
+            if d.master:
+                save_checkpoint(ckpt_path, checkpoint)
+        bar.update(1)
+    bar.close()
+
+    summary = {"steps": cfg.max_iters, "val_loss": last_val, "train_loss": loss_value, "seconds": clock(),
+               "grad_evals": grad_evals, "out_dir": str(out_dir)}
+    if d.master and cfg.sample_tokens > 0:
+        from . import data
+
+        tokenizer = data.get_tokenizer(meta)
+        start = torch.tensor([tokenizer.encode("\n")], dtype=torch.long, device=device)
+        out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50,
+                                 generator=torch.Generator(device).manual_seed(cfg.seed))
+        summary["sample"] = tokenizer.decode(out[0].tolist())
+        print("---- sample ----\n" + summary["sample"] + "\n----------------")
+    if d.master:
+        print(f"done: {cfg.max_iters} steps, val loss {last_val}, {summary['seconds']:.1f} s, run in {out_dir}")
+    return summary
+
+
+def gather(obj, d: Dist) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (a collective under torchrun)."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, given = parse_args(argv)
+    try:
+        train(cfg, given)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+r"""How close is each optimizer's gradient estimate to the full gradient?
+
+MARS's claim is variance reduction: its corrected gradient ``c_t`` and momentum ``m_t``
+should track the full gradient ``∇F(x_t)`` better than the minibatch gradient ``g_t``
+does. ``VarianceProbe`` measures that during training (``--variance-every K``), at the
+current point ``x_t``, *before* the optimizer step, on the step's own gradient:
+
+* ``∇F(x_t)`` is estimated by the mean gradient over a fixed held-out set of
+  ``variance_batches`` micro-batches from the training split (always the same ones, drawn
+  from their own random stream, so they are not the step's batch). Being a mean of N
+  minibatch gradients, it carries noise of about 1/N of a minibatch gradient's variance:
+  every MSE below includes that floor.
+* ``g``: the raw minibatch gradient ``g_t`` of the step's global batch, *before* the global
+  norm clip (the clip is undone by dividing by its factor), an unbiased estimate of ∇F.
+* ``m``: the optimizer's momentum, the quantity its update is computed from, at step t
+  (recomputed from the stored ``m_{t−1}`` and the clipped ``g_t`` the optimizer is about to see):
+
+  - AdamW: ``exp_avg`` after the update, bias-corrected: ``m_t / (1 − β1^t)``.
+  - Lion: the argument of its sign, ``β1·m_{t−1} + (1−β1)·g_t``, not rescaled.
+  - Muon: the Nesterov momentum ``(1−μ)g_t + μ·b_t`` on 2-D tensors, divided by
+    ``1 − μ^{t+1}`` (the sum of its weights); AdamW's bias-corrected ``exp_avg`` on the others.
+  - MARS: ``m_t = β1·m_{t−1} + (1−β1)·c_t`` bias-corrected by ``1 − β1^t`` (AdamW
+    fallback tensors: their own AdamW momentum).
+* ``c`` (MARS only): the corrected, clipped gradient
+  ``c_t = clip(g_t + γ·β1/(1−β1)·(g_t − g_prev))``, recomputed here with
+  :func:`mars_ref.pieces.storm_correction` and :func:`~mars_ref.pieces.clip_by_norm` from the
+  optimizer's stored ``g_prev`` (approx) or from ``∇f(x_{t−1}, ξ_t)`` evaluated here on the
+  step's batch at the stored previous point (exact), then global-norm clipped like the
+  training closure. Tensors off the MARS path contribute their ``g_t``.
+
+For each estimate ``e`` of ``∇F`` (all parameters concatenated) three numbers are logged:
+
+* ``mse_<e> = ‖e − ∇F‖² / n``: the mean squared error per coordinate. It depends on the
+  estimate's scale, and clipping changes ``c_t``'s scale (each tensor's ``c_t`` has norm ≤ 1).
+* ``rel_<e> = ‖e − ∇F‖² / ‖∇F‖²``: the same, relative to the size of the gradient.
+* ``cos_err_<e> = 1 − cos(e, ∇F)``: scale-free. ``1 − cos²`` is the relative error left after
+  the best scalar fit ``min_α ‖α·e − ∇F‖² / ‖∇F‖²``, so this is the fair comparison
+  between clipped and unclipped estimates.
+
+The probe computes its gradients with ``torch.autograd.grad`` on the bare model (never
+through DDP, never into ``.grad``), in eval mode (no dropout), and restores the random
+state, so the training trajectory is the same with or without it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .pieces import clip_by_global_norm, clip_by_norm, storm_correction
+
+
+class VarianceProbe:
+    """Measure the gradient estimates of ``optimizer`` against a held-out full gradient.
+
+    Args:
+        model: the bare model (not the DDP or compiled wrapper); its parameters are the optimizer's.
+        optimizer: ``torch.optim.AdamW``, ``Lion``, ``Muon`` or ``MARS``.
+        cfg: the training config (``optimizer`` names the kind).
+        held_out: the fixed list of ``(inputs, targets)`` micro-batches defining ∇F.
+        autocast: the training autocast context (reused for the same numerics).
+    """
+
+    def __init__(self, model, optimizer, cfg, held_out, autocast):
+        self.model, self.optimizer, self.kind = model, optimizer, cfg.optimizer
+        self.held_out, self.autocast = held_out, autocast
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+
+    # ------------------------------------------------------------------ gradients
+
+    def _mean_gradient(self, batches) -> list[Tensor]:
+        """Mean over ``batches`` of the loss gradient at the model's current parameters."""
+        total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                for x, y in batches:
+                    with self.autocast:
+                        _, loss = self.model(x, y)
+                    for t, g in zip(total, torch.autograd.grad(loss, self.params)):
+                        t.add_(g.float())
+        finally:
+            self.model.train(was_training)
+        return [t / len(batches) for t in total]
+
+    def _exact_previous_gradients(self, step_batches, clip: float) -> dict[Tensor, Tensor]:
+        """``∇f(x_{t−1}, ξ_t)`` for the MARS tensors with a stored previous point, globally clipped
+        like the training closure (which clips every gradient it computes)."""
+        state = self.optimizer.state
+        swapped = [p for p in self.params if "x_prev" in state.get(p, {})]
+        if not swapped:
+            return {}
+        now = {p: p.detach().clone() for p in swapped}
+        with torch.no_grad():
+            for p in swapped:
+                p.copy_(state[p]["x_prev"])
+        try:
+            grads = self._mean_gradient(step_batches)
+        finally:
+            with torch.no_grad():
+                for p in swapped:
+                    p.copy_(now[p])
+        if clip > 0:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            scale = min(1.0, clip / (norm.item() + 1e-6))
+            grads = [g * scale for g in grads]
+        return {p: g.to(p.dtype) for p, g in zip(self.params, grads) if p in now}
+
+    # ------------------------------------------------------------------ the optimizers' estimates
+
+    def _adamw_momentum(self, p: Tensor, g: Tensor, beta1: float, m_key: str) -> Tensor:
+        state = self.optimizer.state.get(p, {})
+        t = int(state["step"]) + 1 if "step" in state else 1
+        m = state.get(m_key, torch.zeros_like(p))
+        #   m̂_t = (β1·m_{t−1} + (1−β1)·g_t) / (1 − β1^t)
+        return torch.lerp(g, m, beta1) / (1.0 - beta1**t)
+
+    def estimates(self, step: int, grads: list[Tensor], g_prev_exact: dict) -> dict[str, list[Tensor]]:
+        """The optimizer's estimates of ∇F at step ``step`` (1-based) from the clipped gradients ``grads``."""
+        state = self.optimizer.state
+        kind = self.kind
+        ms: list[Tensor] = []
+        if kind == "adamw":
+            ms = [self._adamw_momentum(p, g, self.group_of[p]["betas"][0], "exp_avg")
+                  for p, g in zip(self.params, grads)]
+            return {"m": ms}
+        if kind == "lion":
+            for p, g in zip(self.params, grads):
+                m = state.get(p, {}).get("m", torch.zeros_like(p))
+                ms.append(torch.lerp(g, m, self.group_of[p]["betas"][0]))  # β1·m_{t−1} + (1−β1)·g_t
+            return {"m": ms}
+        if kind == "muon":
+            for p, g in zip(self.params, grads):
+                group = self.group_of[p]
+                if p.ndim == 2:
+                    mu = group["momentum"]
+                    b = torch.lerp(g, state.get(p, {}).get("momentum_buffer", torch.zeros_like(p)), mu)
+                    if group["nesterov"]:
+                        ms.append(torch.lerp(g, b, mu) / (1.0 - mu ** (step + 1)))
+                    else:
+                        ms.append(b / (1.0 - mu**step))
+                else:
+                    ms.append(self._adamw_momentum(p, g, group["betas_1d"][0], "m"))
+            return {"m": ms}
+
+        # MARS: c_t from storm_correction + clipping, group by group, then the momentum.
+        cs: list[Tensor] = list(grads)
+        for group in self.optimizer.param_groups:
+            beta1 = group["betas"][0]
+            on_path = [i for i, p in enumerate(self.params)
+                       if self.group_of[p] is group and (group["optimize_1d"] or p.ndim == 2)]
+            corrected = []
+            for i in on_path:
+                p = self.params[i]
+                if group["exact"]:
+                    g_prev = g_prev_exact.get(p, torch.zeros_like(p))
+                else:
+                    g_prev = state.get(p, {}).get("g_prev", torch.zeros_like(p))
+                corrected.append(storm_correction(grads[i], g_prev, group["gamma"], beta1))
+            if group["clip"] == "tensor":
+                corrected = [clip_by_norm(c, group["max_norm"]) for c in corrected]
+            elif group["clip"] == "global":
+                corrected = clip_by_global_norm(corrected, group["max_norm"])
+            for i, c in zip(on_path, corrected):
+                cs[i] = c
+        for i, p in enumerate(self.params):
+            group = self.group_of[p]
+            if group["optimize_1d"] or p.ndim == 2:
+                beta1 = group["betas"][0]
+                st = state.get(p, {})
+                t = st.get("step", 0) + 1
+                m = st.get("m", torch.zeros_like(p))
+                ms.append(torch.lerp(cs[i], m, beta1) / (1.0 - beta1**t))
+            else:
+                ms.append(self._adamw_momentum(p, grads[i], group["betas_1d"][0], "m"))
+        return {"c": cs, "m": ms}
+
+    # ------------------------------------------------------------------ the measurement
+
+    @torch.no_grad()
+    def measure(self, step: int, grad_norm, clip: float, step_batches) -> dict:
+        """Compare ``g``, (``c``,) ``m`` with ∇F at the current point. Call after the step's gradient
+        is in ``.grad`` (clipped) and before ``optimizer.step`` touches anything.
+
+        ``grad_norm`` is the norm ``clip_grad_norm_`` returned (None if no clipping); ``step_batches``
+        the step's whole global batch (needed for exact MARS's ``∇f(x_{t−1}, ξ_t)``).
+        """
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        try:
+            full = self._mean_gradient(self.held_out)
+            clipped = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                       for p in self.params]
+            scale = 1.0
+            if clip > 0 and grad_norm is not None:
+                scale = min(1.0, clip / (float(grad_norm) + 1e-6))  # clip_grad_norm_'s factor
+            raw = [g / scale for g in clipped]
+            exact = self.kind.startswith("mars") and any(g["exact"] for g in self.optimizer.param_groups)
+            g_prev = self._exact_previous_gradients(step_batches, clip) if exact else {}
+            record = {"n_batches": len(self.held_out),
+                      "full_grad_sq": _dot(full, full) / sum(f.numel() for f in full),
+                      "clip_scale": scale}
+            for name, est in {"g": raw, **self.estimates(step, clipped, g_prev)}.items():
+                record.update({f"{k}_{name}": v for k, v in compare(est, full).items()})
+        finally:
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        return record
+
+
+def _dot(a: list[Tensor], b: list[Tensor]) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+
+
+def compare(estimate: list[Tensor], full: list[Tensor]) -> dict[str, float]:
+    """``mse`` (per coordinate), ``rel`` (÷ ‖∇F‖²) and ``cos_err`` (1 − cosine) of ``estimate`` vs ``full``."""
+    n = sum(f.numel() for f in full)
+    diff = [e.float() - f for e, f in zip(estimate, full)]
+    se, ff, ee, ef = _dot(diff, diff), _dot(full, full), _dot(estimate, estimate), _dot(estimate, full)
+    cos = ef / math.sqrt(ee * ff) if ee > 0 and ff > 0 else 0.0
+    return {"mse": se / n, "rel": se / ff if ff > 0 else math.inf, "cos_err": 1.0 - cos}
