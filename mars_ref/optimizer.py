@@ -134,6 +134,7 @@ class MARS(torch.optim.Optimizer):
                 loss = closure()
         self._check_gradients()
         g_prev_exact = self._gradients_at_previous_point(closure, rng_before) if exact else {}
+        self._check_gradients(g_prev_exact, " at the previous point (exact mode)")
         for group in self.param_groups:
             self._step_group(group, g_prev_exact)
         return loss
@@ -151,6 +152,8 @@ class MARS(torch.optim.Optimizer):
                 self._init_state(p, group)
             state["step"] += 1
             if not _on_mars_path(p, group):
+                if group["exact"]:  # the previous point x_{t−1} is the whole model, fallback tensors too
+                    state["x_prev"] = p.detach().clone()
                 self._adamw_fallback(p, group)
                 continue
             if group["exact"]:
@@ -250,21 +253,22 @@ class MARS(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ input checks
 
-    def _check_gradients(self) -> None:
+    def _check_gradients(self, grads: dict[Tensor, Tensor] | None = None, where: str = "") -> None:
         for i, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad if grads is None else grads.get(p)
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(
                         f"MARS does not support sparse gradients (parameter group {i}, parameter {j}, "
                         f"shape {tuple(p.shape)}); use dense gradients (e.g. nn.Embedding(sparse=False))."
                     )
-                if not torch.isfinite(p.grad).all():
+                if not torch.isfinite(grad).all():
                     raise FloatingPointError(
-                        f"MARS: non-finite gradient (nan or inf) in parameter group {i}, parameter {j}, "
-                        f"shape {tuple(p.shape)}; nothing was updated. Skip this step or lower the "
-                        "learning rate."
+                        f"MARS: non-finite gradient{where} (nan or inf) in parameter group {i}, "
+                        f"parameter {j}, shape {tuple(p.shape)}; nothing was updated. Skip this step or "
+                        "lower the learning rate."
                     )
 
 
