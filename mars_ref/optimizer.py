@@ -110,7 +110,12 @@ class MARS(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyperparameters(group, where=f" (parameter group {len(self.param_groups) - 1})")
+        where = f" (parameter group {len(self.param_groups) - 1})"
+        _check_hyperparameters(group, where=where)
+        if group["exact"] != self.param_groups[0]["exact"]:
+            # exact mode evaluates the whole model at its previous point x_{t−1}: all groups or none
+            raise ValueError(f"MARS: invalid exact={group['exact']!r}{where}: exact must be the same for "
+                             "every parameter group (the previous point x_{t-1} is the whole model)")
         # The lr the 1-D fallback's ratio lr_1d / lr refers to: the group's lr at construction.
         group.setdefault("base_lr", group["lr"])
 
@@ -171,7 +176,7 @@ class MARS(torch.optim.Optimizer):
         elif group["clip"] == "global":
             cs = clip_by_global_norm(cs, group["max_norm"])
 
-        for p, c in zip(on_path, cs):
+        for p, c in zip(on_path, cs, strict=True):
             state = self.state[p]
             # 3. momentum:  m_t = β1·m_{t−1} + (1−β1)·c_t
             m = momentum_(state["m"], c, beta1)

@@ -692,3 +692,9 @@ def test_cuda_matches_cpu(precond):
         results.append([p.detach().cpu() for p in model.parameters()])
     for p, q in zip(*results, strict=True):
         assert (p - q).abs().max() < 1e-10
+
+
+def test_exact_must_be_the_same_for_every_group():
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"invalid exact=False \(parameter group 1\).*every parameter group"):
+        MARS([{"params": [a], "exact": True}, {"params": [b], "exact": False}])

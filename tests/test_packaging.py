@@ -35,9 +35,9 @@ def test_dependencies_have_lower_bounds_only():
 
 
 def test_public_api():
-    from mars_ref import MARS, Lion, Muon, pieces
-
     import torch
+
+    from mars_ref import MARS, Lion, Muon, pieces
 
     assert issubclass(MARS, torch.optim.Optimizer)
     assert issubclass(Lion, torch.optim.Optimizer) and issubclass(Muon, torch.optim.Optimizer)
