@@ -51,7 +51,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .baselines import Lion, Muon
-from .model import GPT, preset as model_preset
+from .model import GPT
+from .model import preset as model_preset
 from .optimizer import MARS
 
 OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo")
@@ -89,7 +90,7 @@ class TrainConfig:
     # schedule and optimizer (None: the recipe for this preset and optimizer)
     max_iters: int | None = None
     warmup_iters: int | None = None
-    lr_decay_iters: int | None = field(default=None, metadata={"help": "end of the cosine (default max_iters)"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "end of the cosine (= max_iters)"})
     lr: float | None = None
     min_lr: float | None = None
     lr_1d: float | None = field(default=None, metadata={"help": "lr of the AdamW fallback (MARS, Muon)"})
@@ -102,15 +103,15 @@ class TrainConfig:
     eval_interval: int | None = None
     eval_iters: int | None = field(default=None, metadata={"help": "validation micro-batches per evaluation"})
     log_interval: int | None = None
-    ckpt_interval: int | None = field(default=None, metadata={"help": "steps between checkpoints (0 = end only)"})
-    variance_every: int = field(default=0, metadata={"help": "gradient-variance measurement every K steps"})
-    variance_batches: int = field(default=16, metadata={"help": "held-out micro-batches for the full gradient"})
-    sample_tokens: int | None = field(default=None, metadata={"help": "tokens to sample at the end (0 = none)"})
-    out_dir: str | None = field(default=None, metadata={"help": "run directory (default runs/<preset>-<opt>)"})
+    ckpt_interval: int | None = field(default=None, metadata={"help": "checkpoint period (0: at the end)"})
+    variance_every: int = field(default=0, metadata={"help": "measure gradient variance every K steps"})
+    variance_batches: int = field(default=16, metadata={"help": "held-out micro-batches for ∇F"})
+    sample_tokens: int | None = field(default=None, metadata={"help": "tokens to sample at the end"})
+    out_dir: str | None = field(default=None, metadata={"help": "run directory (runs/<preset>-<opt>)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/ckpt.pt"})
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 autocast on CUDA), float32, bfloat16"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA), float32, bfloat16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
 
 
@@ -175,7 +176,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
     if cfg.exact and not cfg.optimizer.startswith("mars"):
         raise ValueError(f"--exact is a MARS option; optimizer {cfg.optimizer!r} has no exact mode")
-    defaults = {**TRAIN_PRESETS[cfg.preset], **OPTIM_RECIPES[cfg.preset][cfg.optimizer]}
+    defaults = {**TRAIN_PRESETS[cfg.preset], "gamma": 0.0,  # γ: MARS only
+                **OPTIM_RECIPES[cfg.preset][cfg.optimizer]}
     filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     cfg = replace(cfg, **filled)
     mc = model_preset(cfg.model)
@@ -184,7 +186,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.lr_decay_iters is None:
         cfg = replace(cfg, lr_decay_iters=cfg.max_iters)
     if cfg.out_dir is None:
-        cfg = replace(cfg, out_dir=str(Path("runs") / f"{cfg.preset}-{cfg.optimizer}{'-exact' if cfg.exact else ''}"))
+        name = f"{cfg.preset}-{cfg.optimizer}{'-exact' if cfg.exact else ''}"
+        cfg = replace(cfg, out_dir=str(Path("runs") / name))
     missing = [f.name for f in fields(cfg) if getattr(cfg, f.name) is None]
     assert not missing, f"unresolved config fields {missing}"
     return cfg
@@ -278,7 +281,8 @@ class Batches:
     """Micro-batches as a pure function of (seed, stream, step, index): no sampler state to lose."""
 
     def __init__(self, data_path: Path, seed: int, block_size: int, batch_size: int, device: str):
-        self.splits = {s: np.memmap(data_path / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
+        self.splits = {s: np.memmap(data_path / f"{s}.bin", dtype=np.uint16, mode="r")
+                       for s in ("train", "val")}
         for s, tokens in self.splits.items():
             if len(tokens) <= block_size + 1:
                 raise ValueError(f"{data_path / (s + '.bin')} has {len(tokens)} tokens: too few for "
@@ -389,9 +393,10 @@ def load_checkpoint(path: Path) -> dict:
             f"Restore a good copy, or delete it and start again without --resume."
         ) from e
     required = {"format", "step", "config", "model", "optimizer", "scheduler", "rng", "metrics"}
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= state.keys():
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= set(state):
+        missing = sorted(required - set(state)) if isinstance(state, dict) else "everything"
         raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint "
-                              f"(missing {sorted(required - set(state)) if isinstance(state, dict) else 'all'})")
+                              f"(missing {missing})")
     return state
 
 
@@ -446,7 +451,7 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
         cfg = replace(saved, **overrides, resume=True)
         device = pick_device(cfg.device, d)
     if cfg.grad_accum % d.world:
-        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the number of processes ({d.world})")
+        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size ({d.world})")
 
     data_path, meta = prepare_data(cfg, d)
     vocab_size = meta["vocab_size"]
@@ -468,7 +473,8 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_step, elapsed, grad_evals = ckpt["step"], ckpt["metrics"]["elapsed"], ckpt["metrics"]["grad_evals"]
+        start_step = ckpt["step"]
+        elapsed, grad_evals = ckpt["metrics"]["elapsed"], ckpt["metrics"]["grad_evals"]
         per_rank = ckpt["rng"]
         if len(per_rank) == d.world:
             set_rng_states(per_rank[d.rank], device)
@@ -562,12 +568,15 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
                                           [batches.get("train", TRAIN_STREAM, state["step"], j)
                                            for j in range(cfg.grad_accum)])
                 state["variance_seconds"] += time.perf_counter() - t0
-                log({"kind": "variance", "step": state["step"] + 1, "tokens": (state["step"] + 1) * tokens_per_step,
+                done = state["step"] + 1
+                log({"kind": "variance", "step": done, "tokens": done * tokens_per_step, "time": clock(),
                      **record})
         return loss
 
+    # tqdm reads TQDM_* variables when it is imported; read TQDM_DISABLE now, so setting it later works too.
+    quiet = os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
     bar = tqdm(total=cfg.max_iters, initial=start_step, desc=f"{cfg.preset} {cfg.optimizer}", unit="step",
-               dynamic_ncols=True, **({} if d.master else {"disable": True}))
+               dynamic_ncols=True, disable=quiet or not d.master)
     t_start = time.perf_counter()
 
     def clock() -> float:
@@ -603,11 +612,13 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
                  "train_loss": loss_value, "lr": lr, "grad_norm": norm, "grad_evals": grad_evals})
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
+            loss_value = all_mean(state["loss"])
             last_val = val_loss()
             log({"kind": "eval", "step": done, "tokens": done * tokens_per_step, "time": clock(),
                  "train_loss": loss_value, "val_loss": last_val, "lr": lr, "grad_evals": grad_evals})
-            bar.write(f"step {done}: val loss {last_val:.4f}, train loss {loss_value:.4f}, "
-                      f"{clock():.1f} s") if d.master else None
+            if d.master:
+                bar.write(f"step {done}: val loss {last_val:.4f}, train loss {loss_value:.4f}, "
+                          f"{clock():.1f} s")
         if (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0) or done == cfg.max_iters:
             checkpoint = {
                 "format": CHECKPOINT_FORMAT, "step": done, "config": asdict(cfg),
@@ -635,7 +646,7 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
         summary["sample"] = tokenizer.decode(out[0].tolist())
         print("---- sample ----\n" + summary["sample"] + "\n----------------")
     if d.master:
-        print(f"done: {cfg.max_iters} steps, val loss {last_val}, {summary['seconds']:.1f} s, run in {out_dir}")
+        print(f"done: {cfg.max_iters} steps, val loss {last_val}, {summary['seconds']:.1f} s, in {out_dir}")
     return summary
 
 

@@ -81,7 +81,7 @@ class VarianceProbe:
                 for x, y in batches:
                     with self.autocast:
                         _, loss = self.model(x, y)
-                    for t, g in zip(total, torch.autograd.grad(loss, self.params)):
+                    for t, g in zip(total, torch.autograd.grad(loss, self.params), strict=True):
                         t.add_(g.float())
         finally:
             self.model.train(was_training)
@@ -108,7 +108,7 @@ class VarianceProbe:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             scale = min(1.0, clip / (norm.item() + 1e-6))
             grads = [g * scale for g in grads]
-        return {p: g.to(p.dtype) for p, g in zip(self.params, grads) if p in now}
+        return {p: g.to(p.dtype) for p, g in zip(self.params, grads, strict=True) if p in now}
 
     # ------------------------------------------------------------------ the optimizers' estimates
 
@@ -126,15 +126,15 @@ class VarianceProbe:
         ms: list[Tensor] = []
         if kind == "adamw":
             ms = [self._adamw_momentum(p, g, self.group_of[p]["betas"][0], "exp_avg")
-                  for p, g in zip(self.params, grads)]
+                  for p, g in zip(self.params, grads, strict=True)]
             return {"m": ms}
         if kind == "lion":
-            for p, g in zip(self.params, grads):
+            for p, g in zip(self.params, grads, strict=True):
                 m = state.get(p, {}).get("m", torch.zeros_like(p))
                 ms.append(torch.lerp(g, m, self.group_of[p]["betas"][0]))  # β1·m_{t−1} + (1−β1)·g_t
             return {"m": ms}
         if kind == "muon":
-            for p, g in zip(self.params, grads):
+            for p, g in zip(self.params, grads, strict=True):
                 group = self.group_of[p]
                 if p.ndim == 2:
                     mu = group["momentum"]
@@ -165,7 +165,7 @@ class VarianceProbe:
                 corrected = [clip_by_norm(c, group["max_norm"]) for c in corrected]
             elif group["clip"] == "global":
                 corrected = clip_by_global_norm(corrected, group["max_norm"])
-            for i, c in zip(on_path, corrected):
+            for i, c in zip(on_path, corrected, strict=True):
                 cs[i] = c
         for i, p in enumerate(self.params):
             group = self.group_of[p]
@@ -214,13 +214,13 @@ class VarianceProbe:
 
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> float:
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
 
 
 def compare(estimate: list[Tensor], full: list[Tensor]) -> dict[str, float]:
-    """``mse`` (per coordinate), ``rel`` (÷ ‖∇F‖²) and ``cos_err`` (1 − cosine) of ``estimate`` vs ``full``."""
+    """``mse`` (per coordinate), ``rel`` (÷ ‖∇F‖²), ``cos_err`` (1 − cosine) of ``estimate`` vs ``full``."""
     n = sum(f.numel() for f in full)
-    diff = [e.float() - f for e, f in zip(estimate, full)]
+    diff = [e.float() - f for e, f in zip(estimate, full, strict=True)]
     se, ff, ee, ef = _dot(diff, diff), _dot(full, full), _dot(estimate, estimate), _dot(estimate, full)
     cos = ef / math.sqrt(ee * ff) if ee > 0 and ff > 0 else 0.0
     return {"mse": se / n, "rel": se / ff if ff > 0 else math.inf, "cos_err": 1.0 - cos}

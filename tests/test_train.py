@@ -1,0 +1,230 @@
+"""The training command: metrics, variance probe, checkpoints, resume, DDP, exact MARS, optimizers, plots.
+
+Every run is a tiny model (2 layers × 32, block 32) on a small generated text, so the whole
+file takes about a minute and a half on two loaded CPU cores.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mars_ref import data
+from mars_ref.train import OPTIMIZERS, load_checkpoint, main, parse_args, read_metrics, train
+
+TINY = ["--preset", "cpu-mini", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--batch-size", "8", "--eval-iters", "2", "--sample-tokens", "0", "--warmup-iters", "5"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A ~60 kB character-level data set written through mars_ref.data.prepare."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    words = ("to be or not that is the question whether tis nobler in mind suffer slings arrows of "
+             "outrageous fortune take arms against a sea troubles and by opposing end them").split()
+    lines = [" ".join(rng.choice(words, size=rng.integers(4, 12))).capitalize() + "." for _ in range(1200)]
+    source = root / "source.txt"
+    source.write_text("\n".join(lines) + "\n")
+    data.prepare("tiny", data_dir=str(root), tokenizer="char", source=str(source))
+    return root
+
+
+def flags(data_dir: Path, out_dir: Path, *extra) -> list[str]:
+    return [*TINY, "--dataset", "tiny", "--data-dir", str(data_dir), "--out-dir", str(out_dir),
+            *map(str, extra)]
+
+
+def run(argv: list[str]) -> dict:
+    cfg, given = parse_args(argv)
+    return train(cfg, given)
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    records = read_metrics(out_dir / "metrics.jsonl")
+    return {r["step"]: r["train_loss"] for r in records if r["kind"] == "train"}
+
+
+def cli(*args, threads: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([sys.executable, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def short_run(data_dir, tmp_path_factory) -> Path:
+    """20 steps of MARS-AdamW with the variance probe every 5 steps and a checkpoint every 10."""
+    out = tmp_path_factory.mktemp("short")
+    run(flags(data_dir, out, "--max-iters", 20, "--eval-interval", 10, "--log-interval", 1,
+              "--ckpt-interval", 10, "--variance-every", 5))
+    return out
+
+
+def test_short_run_writes_metrics_variance_and_checkpoint(short_run):
+    records = read_metrics(short_run / "metrics.jsonl")
+    train_records = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    probes = [r for r in records if r["kind"] == "variance"]
+    assert [r["step"] for r in train_records] == list(range(1, 21))
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert [r["step"] for r in probes] == [5, 10, 15, 20]
+    for r in train_records + evals:
+        assert {"step", "tokens", "time", "train_loss", "lr", "grad_evals"} <= r.keys()
+    assert train_records[-1]["tokens"] == 20 * 8 * 32 and train_records[-1]["grad_evals"] == 20
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    for r in probes:
+        for name in ("g", "c", "m"):
+            assert r[f"mse_{name}"] > 0 and 0 <= r[f"cos_err_{name}"] <= 2 and r[f"rel_{name}"] > 0
+    ckpt = load_checkpoint(short_run / "ckpt.pt")
+    assert ckpt["step"] == 20 and ckpt["config"]["optimizer"] == "mars-adamw"
+    assert {"model", "optimizer", "scheduler", "rng", "data"} <= ckpt.keys()
+    assert not (short_run / "ckpt.pt.tmp").exists()
+    config = json.loads((short_run / "config.json").read_text())
+    assert config["n_layer"] == 2
+    assert config["vocab_size"] == data.load_meta(data_dir_of(short_run))["vocab_size"]
+
+
+def data_dir_of(run_dir: Path) -> Path:
+    config = json.loads((run_dir / "config.json").read_text())
+    return Path(config["data_dir"]) / config["dataset"]
+
+
+def test_variance_probe_does_not_change_the_trajectory(data_dir, short_run, tmp_path):
+    run(flags(data_dir, tmp_path, "--max-iters", 20, "--eval-interval", 10, "--log-interval", 1,
+              "--ckpt-interval", 10))
+    assert losses(tmp_path) == losses(short_run)
+
+
+def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
+    common = ["--max-iters", 150, "--eval-interval", 50, "--log-interval", 1, "--ckpt-interval", 10,
+              "--variance-every", 25]
+    reference = tmp_path / "reference"
+    run(flags(data_dir, reference, *common))
+
+    killed = tmp_path / "killed"
+    proc = cli("-m", "mars_ref.train", *flags(data_dir, killed, *common))
+    deadline = time.time() + 120
+    while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step_at_kill = load_checkpoint(killed / "ckpt.pt")["step"]
+    assert 0 < step_at_kill < 150
+
+    resumed = cli("-m", "mars_ref.train", *flags(data_dir, killed, "--resume"))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert losses(killed) == losses(reference)  # bit-identical, every step
+    def evals(run_dir):
+        records = read_metrics(run_dir / "metrics.jsonl")
+        return [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+
+    assert evals(killed) == evals(reference)
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(data_dir, tmp_path, capsys):
+    assert main(flags(data_dir, tmp_path / "none", "--resume")) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+    run(flags(data_dir, tmp_path, "--max-iters", 3, "--eval-interval", 0))
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+    assert main(flags(data_dir, tmp_path, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "truncated or corrupt" in err
+
+
+def test_exact_mars_counts_two_gradient_evaluations_per_step(data_dir, tmp_path):
+    run(flags(data_dir, tmp_path, "--exact", "--max-iters", 6, "--log-interval", 1, "--eval-interval", 0,
+              "--variance-every", 3))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    evals = [r["grad_evals"] for r in records if r["kind"] == "train"]
+    # Step 1 has no previous point (g_prev = 0): one evaluation; every later step two.
+    assert evals == [1, 3, 5, 7, 9, 11]
+    assert [r["step"] for r in records if r["kind"] == "variance"] == [3, 6]
+
+
+def test_exact_is_refused_for_non_mars_optimizers(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="exact"):
+        run(flags(data_dir, tmp_path, "--optimizer", "adamw", "--exact"))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_trains(data_dir, tmp_path, optimizer):
+    summary = run(flags(data_dir, tmp_path, "--optimizer", optimizer, "--max-iters", 4, "--log-interval", 1,
+                        "--eval-interval", 4, "--variance-every", 2))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(np.isfinite(r["train_loss"]) for r in records if r["kind"] == "train")
+    probes = [r for r in records if r["kind"] == "variance"]
+    assert len(probes) == 2 and all(np.isfinite(r["mse_m"]) for r in probes)
+    assert ("mse_c" in probes[0]) == optimizer.startswith("mars")
+    assert np.isfinite(summary["val_loss"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["approx", "exact"])
+def test_ddp_two_processes_match_one(data_dir, tmp_path, exact):
+    """2 gloo processes, each half of every global batch, match one process on the whole batch.
+
+    DDP uses ``gradient_as_bucket_view=True``: ``.grad`` is a view into DDP's reused buckets. Were
+    MARS's ``g_prev`` a reference to ``.grad`` (the authors' bug), ``g_t − g_prev`` would be 0 under
+    DDP only and the trajectories would part after step 1.
+    """
+    common = ["--max-iters", 8, "--grad-accum", 4, "--log-interval", 1, "--eval-interval", 8,
+              "--variance-every", 4, *(["--exact"] if exact else [])]
+    single = tmp_path / "single"
+    run(flags(data_dir, single, *common))
+    ddp = tmp_path / "ddp"
+    proc = cli("-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", "-m", "mars_ref.train", *flags(data_dir, ddp, *common),
+               threads=1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    a, b = losses(single), losses(ddp)
+    assert a.keys() == b.keys() == set(range(1, 9))
+    diff = max(abs(a[k] - b[k]) for k in a)
+    assert diff < 1e-5, diff  # float32 sums in a different order; observed ~1e-7
+    config = json.loads((ddp / "config.json").read_text())
+    assert config["world_size"] == 2
+
+
+def test_plot_writes_a_png(short_run, data_dir, tmp_path):
+    from mars_ref import plot
+
+    other = tmp_path / "adamw"
+    run(flags(data_dir, other, "--optimizer", "adamw", "--max-iters", 10, "--eval-interval", 5,
+              "--variance-every", 5))
+    out = tmp_path / "plot.png"
+    assert plot.main([str(short_run), str(other), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000
+
+
+def test_default_config_is_the_cpu_demo():
+    cfg, given = parse_args([])
+    assert given == {} and cfg.preset == "cpu-tiny" and cfg.optimizer == "mars-adamw"
+    from mars_ref.train import resolve
+
+    full = resolve(cfg)
+    assert (full.n_layer, full.n_embd, full.dataset, full.device) == (4, 128, "shakespeare", "auto")
+    small = resolve(parse_args(["--preset", "gpt2-small"])[0])
+    assert (small.lr, small.lr_1d, small.min_lr, small.beta1, small.beta2) == (6e-3, 3e-3, 3e-5, 0.95, 0.99)
+    assert (small.weight_decay, small.gamma, small.grad_clip, small.warmup_iters) == (1e-2, 0.025, 1.0, 2000)
+    assert small.batch_size * small.grad_accum * small.block_size == 480 * 1024 and small.bias is False
+    adamw = resolve(parse_args(["--preset", "gpt2-small", "--optimizer", "adamw", "--lr", "1e-3"])[0])
+    assert (adamw.lr, adamw.beta1, adamw.beta2, adamw.weight_decay) == (1e-3, 0.9, 0.95, 0.1)
