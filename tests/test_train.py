@@ -228,3 +228,62 @@ def test_default_config_is_the_cpu_demo():
     assert small.batch_size * small.grad_accum * small.block_size == 480 * 1024 and small.bias is False
     adamw = resolve(parse_args(["--preset", "gpt2-small", "--optimizer", "adamw", "--lr", "1e-3"])[0])
     assert (adamw.lr, adamw.beta1, adamw.beta2, adamw.weight_decay) == (1e-3, 0.9, 0.95, 0.1)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "mars-adamw", "mars-adamw-exact", "mars-lion", "muon"])
+def test_variance_probe_recomputes_the_optimizers_momentum(kind):
+    """The probe's m_t (and MARS's c_t), computed before the step, is what the optimizer then stores."""
+    import math
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import torch
+
+    from mars_ref import MARS, Muon
+    from mars_ref.model import GPT, GPTConfig
+    from mars_ref.variance import VarianceProbe
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=7, n_layer=1, n_head=2, n_embd=8, bias=True))
+    exact = kind.endswith("exact")
+    if kind == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    elif kind == "muon":
+        opt = Muon(model.parameters(), lr=1e-2, momentum=0.9, nesterov=False, ns_dtype=None)
+    else:
+        opt = MARS(model.parameters(), lr=1e-2, gamma=0.5, exact=exact, max_norm=0.05,
+                   preconditioner=kind.split("-")[1])
+    batches = [(torch.randint(0, 7, (4, 8)), torch.randint(0, 7, (4, 8))) for _ in range(6)]
+    probe = VarianceProbe(model, opt, SimpleNamespace(optimizer=kind.removesuffix("-exact")), batches[:2],
+                          nullcontext())
+    params = list(model.parameters())
+    for step in range(1, 5):
+        x, y = batches[2 + step % 4]
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = model(x, y)[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            return loss
+
+        closure()
+        g_prev = probe._exact_previous_gradients([(x, y)], 0.5) if exact else {}
+        est = probe.estimates(step, [p.grad.clone() for p in params], g_prev)
+        opt.step(closure) if exact else opt.step()
+        for p, m_hat in zip(params, est["m"], strict=True):
+            state = opt.state[p]
+            if kind == "adamw":
+                stored, beta = state["exp_avg"], 0.9
+            elif kind == "muon" and p.ndim == 2:
+                stored, beta = state["momentum_buffer"], 0.9
+            elif kind == "muon":
+                stored, beta = state["m"], 0.9  # the AdamW fallback's betas_1d
+            else:
+                stored, beta = state["m"], (0.95 if p.ndim == 2 else 0.9)
+            torch.testing.assert_close(m_hat * (1 - beta**step), stored, rtol=1e-4, atol=1e-7)
+        if kind.startswith("mars"):
+            for p, c in zip(params, est["c"], strict=True):
+                if p.ndim == 2:
+                    assert torch.linalg.vector_norm(c) <= 0.05 * (1 + 1e-5)
+    assert math.isfinite(probe.measure(5, None, 0.0, [batches[0]])["cos_err_m"])
