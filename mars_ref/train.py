@@ -450,6 +450,8 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
             print(f"resume: overriding the checkpoint's config with {overrides}")
         cfg = replace(saved, **overrides, resume=True)
         device = pick_device(cfg.device, d)
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # NCCL collectives (and all_gather_object) use the current device
     if cfg.grad_accum % d.world:
         raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size ({d.world})")
 

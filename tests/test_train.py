@@ -287,3 +287,43 @@ def test_variance_probe_recomputes_the_optimizers_momentum(kind):
                 if p.ndim == 2:
                     assert torch.linalg.vector_norm(c) <= 0.05 * (1 + 1e-5)
     assert math.isfinite(probe.measure(5, None, 0.0, [batches[0]])["cos_err_m"])
+
+
+def test_mars_under_ddp_bucket_views_matches_plain_training(tmp_path):
+    """With ``gradient_as_bucket_view=True`` every ``.grad`` is a view into one of DDP's buckets, the
+    same memory every step. MARS copies ``g_prev`` out of it, so training is unchanged (a by-reference
+    ``g_prev`` would make ``g_t − g_prev`` zero from step 2 on)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mars_ref import MARS
+    from mars_ref.model import GPT, GPTConfig
+
+    x = torch.randint(0, 7, (4, 8), generator=torch.Generator().manual_seed(0))
+
+    def trajectory(wrap: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=8, vocab_size=7, n_layer=1, n_head=2, n_embd=8))
+        net = DDP(model, gradient_as_bucket_view=True) if wrap else model
+        opt = MARS(model.parameters(), lr=1e-2, gamma=0.5)
+        out, storages = [], set()
+        for step in range(6):
+            opt.zero_grad()
+            loss = net(x, x)[1]
+            loss.backward()
+            if step > 0:  # DDP rebuilds its buckets after the first backward
+                storages |= {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+            opt.step()
+            out.append(loss.item())
+        if wrap:
+            assert len(storages) == 1  # from step 2 on, all gradients live in one bucket, reused
+            g_prev = opt.state[model.lm_head.weight]["g_prev"]
+            assert g_prev.untyped_storage().data_ptr() not in storages
+        return out
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert trajectory(wrap=True) == trajectory(wrap=False)
+    finally:
+        dist.destroy_process_group()
