@@ -23,6 +23,19 @@ TINY = ["--preset", "cpu-mini", "--n-layer", "2", "--n-head", "2", "--n-embd", "
         "--batch-size", "8", "--eval-iters", "2", "--sample-tokens", "0", "--warmup-iters", "5"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in every subprocess: the runs are tiny, the machine's two cores
+    are shared (oversubscribed OpenMP threads slow everything down many times), and the resumed run
+    must do its arithmetic exactly as the in-process reference run does."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A ~60 kB character-level data set written through mars_ref.data.prepare."""
@@ -52,10 +65,9 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in records if r["kind"] == "train"}
 
 
-def cli(*args, threads: int | None = None) -> subprocess.Popen:
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+def cli(*args) -> subprocess.Popen:
+    """``python *args`` with one thread per process, like this test process (see ``one_thread``)."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -105,8 +117,8 @@ def test_variance_probe_does_not_change_the_trajectory(data_dir, short_run, tmp_
 
 
 def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
-    common = ["--max-iters", 150, "--eval-interval", 50, "--log-interval", 1, "--ckpt-interval", 10,
-              "--variance-every", 25]
+    common = ["--max-iters", 60, "--eval-interval", 20, "--log-interval", 1, "--ckpt-interval", 10,
+              "--variance-every", 15]
     reference = tmp_path / "reference"
     run(flags(data_dir, reference, *common))
 
@@ -119,7 +131,7 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     step_at_kill = load_checkpoint(killed / "ckpt.pt")["step"]
-    assert 0 < step_at_kill < 150
+    assert 0 < step_at_kill < 60
 
     resumed = cli("-m", "mars_ref.train", *flags(data_dir, killed, "--resume"))
     out, _ = resumed.communicate(timeout=300)
@@ -191,14 +203,14 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path, exact):
     run(flags(data_dir, single, *common))
     ddp = tmp_path / "ddp"
     proc = cli("-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", "-m", "mars_ref.train", *flags(data_dir, ddp, *common),
-               threads=1)
+               f"--master-port={free_port()}", "-m", "mars_ref.train", *flags(data_dir, ddp, *common))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     a, b = losses(single), losses(ddp)
     assert a.keys() == b.keys() == set(range(1, 9))
     diff = max(abs(a[k] - b[k]) for k in a)
-    assert diff < 1e-5, diff  # float32 sums in a different order; observed ~1e-7
+    print(f"DDP vs one process, max |Δ train loss| over 8 steps: {diff:.2e}")
+    assert diff < 2e-6, diff  # float32 sums in a different order: observed 2.4e-7 (losses ≈ 3-4)
     config = json.loads((ddp / "config.json").read_text())
     assert config["world_size"] == 2
 
