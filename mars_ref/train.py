@@ -65,6 +65,14 @@ TRAIN_STREAM, VAL_STREAM, HELDOUT_STREAM = 0, 1, 2
 # ----------------------------------------------------------------------------- configuration
 
 
+class ConfigError(ValueError):
+    """The command line asks for something impossible (reported without a traceback)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or not one of ours."""
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on. ``None`` means "take it from the preset and optimizer recipe"."""
@@ -171,11 +179,11 @@ OPTIM_RECIPES["cpu-tiny"] = OPTIM_RECIPES["cpu-mini"] = _CPU
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill every ``None`` field: from the training preset, then from the optimizer recipe."""
     if cfg.preset not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+        raise ConfigError(f"unknown preset {cfg.preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
     if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
     if cfg.exact and not cfg.optimizer.startswith("mars"):
-        raise ValueError(f"--exact is a MARS option; optimizer {cfg.optimizer!r} has no exact mode")
+        raise ConfigError(f"--exact is a MARS option; optimizer {cfg.optimizer!r} has no exact mode")
     defaults = {**TRAIN_PRESETS[cfg.preset], "gamma": 0.0,  # γ: MARS only
                 **OPTIM_RECIPES[cfg.preset][cfg.optimizer]}
     filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
@@ -270,7 +278,7 @@ def autocast_context(device: str, dtype: str):
     if dtype == "float32":
         return nullcontext()
     if dtype != "bfloat16":
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
     return torch.autocast(device_type=kind, dtype=torch.bfloat16)
 
 
@@ -285,7 +293,7 @@ class Batches:
                        for s in ("train", "val")}
         for s, tokens in self.splits.items():
             if len(tokens) <= block_size + 1:
-                raise ValueError(f"{data_path / (s + '.bin')} has {len(tokens)} tokens: too few for "
+                raise ConfigError(f"{data_path / (s + '.bin')} has {len(tokens)} tokens: too few for "
                                  f"block_size={block_size}")
         self.seed, self.block_size, self.batch_size, self.device = seed, block_size, batch_size, device
 
@@ -359,8 +367,6 @@ def lr_factor(cfg: TrainConfig):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or not one of ours."""
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -450,10 +456,13 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
             print(f"resume: overriding the checkpoint's config with {overrides}")
         cfg = replace(saved, **overrides, resume=True)
         device = pick_device(cfg.device, d)
+    elif ckpt_path.exists() and d.master:
+        print(f"note: starting a new run in {out_dir}; its checkpoint will be overwritten "
+              "(--resume continues it instead)")
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # NCCL collectives (and all_gather_object) use the current device
     if cfg.grad_accum % d.world:
-        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size ({d.world})")
+        raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size ({d.world})")
 
     data_path, meta = prepare_data(cfg, d)
     vocab_size = meta["vocab_size"]
@@ -665,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv)
     try:
         train(cfg, given)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

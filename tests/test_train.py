@@ -167,7 +167,7 @@ def test_exact_mars_counts_two_gradient_evaluations_per_step(data_dir, tmp_path)
 
 
 def test_exact_is_refused_for_non_mars_optimizers(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="exact"):
+    with pytest.raises(ValueError, match="exact"):  # a ConfigError
         run(flags(data_dir, tmp_path, "--optimizer", "adamw", "--exact"))
 
 
