@@ -575,9 +575,9 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
             state["loss"], state["norm"] = loss, norm
             if variance is not None and (state["step"] + 1) % cfg.variance_every == 0:
                 t0 = time.perf_counter()
-                record = variance.measure(state["step"] + 1, norm, cfg.grad_clip,
-                                          [batches.get("train", TRAIN_STREAM, state["step"], j)
-                                           for j in range(cfg.grad_accum)])
+                step_batches = lambda: [batches.get("train", TRAIN_STREAM, state["step"], j)
+                                        for j in range(cfg.grad_accum)]  # the whole global batch
+                record = variance.measure(state["step"] + 1, norm, cfg.grad_clip, step_batches)
                 state["variance_seconds"] += time.perf_counter() - t0
                 done = state["step"] + 1
                 log({"kind": "variance", "step": done, "tokens": done * tokens_per_step, "time": clock(),
@@ -591,9 +591,12 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
     t_start = time.perf_counter()
 
     def clock() -> float:
-        """Wall-clock seconds of training so far, over all resumptions, without the variance probe."""
+        """Wall-clock seconds of the run so far, over all resumptions: training, evaluations and
+        checkpoints, not the variance probe."""
         return elapsed + time.perf_counter() - t_start - state["variance_seconds"]
 
+    if start_step >= cfg.max_iters and d.master:
+        print(f"{out_dir}: already at step {start_step} of {cfg.max_iters}; raise --max-iters to train on")
     if start_step == 0 and cfg.eval_interval > 0:
         v = val_loss()
         log({"kind": "eval", "step": 0, "tokens": 0, "time": clock(), "train_loss": None, "val_loss": v,
@@ -651,7 +654,11 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
         from . import data
 
         tokenizer = data.get_tokenizer(meta)
-        start = torch.tensor([tokenizer.encode("\n")], dtype=torch.long, device=device)
+        try:
+            prompt = tokenizer.encode("\n")
+        except (KeyError, ValueError):  # a character vocabulary without a newline
+            prompt = [0]
+        start = torch.tensor([prompt], dtype=torch.long, device=device)
         out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50,
                                  generator=torch.Generator(device).manual_seed(cfg.seed))
         summary["sample"] = tokenizer.decode(out[0].tolist())

@@ -187,7 +187,8 @@ class VarianceProbe:
         is in ``.grad`` (clipped) and before ``optimizer.step`` touches anything.
 
         ``grad_norm`` is the norm ``clip_grad_norm_`` returned (None if no clipping); ``step_batches``
-        the step's whole global batch (needed for exact MARS's ``∇f(x_{t−1}, ξ_t)``).
+        the step's whole global batch, or a function returning it (only exact MARS needs it, for
+        ``∇f(x_{t−1}, ξ_t)``).
         """
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -200,7 +201,10 @@ class VarianceProbe:
                 scale = min(1.0, clip / (float(grad_norm) + 1e-6))  # clip_grad_norm_'s factor
             raw = [g / scale for g in clipped]
             exact = self.kind.startswith("mars") and any(g["exact"] for g in self.optimizer.param_groups)
-            g_prev = self._exact_previous_gradients(step_batches, clip) if exact else {}
+            g_prev = {}
+            if exact:
+                g_prev = self._exact_previous_gradients(
+                    step_batches() if callable(step_batches) else step_batches, clip)
             record = {"n_batches": len(self.held_out),
                       "full_grad_sq": _dot(full, full) / sum(f.numel() for f in full),
                       "clip_scale": scale}
