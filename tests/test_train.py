@@ -339,3 +339,10 @@ def test_mars_under_ddp_bucket_views_matches_plain_training(tmp_path):
         assert trajectory(wrap=True) == trajectory(wrap=False)
     finally:
         dist.destroy_process_group()
+
+
+def test_plot_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    from mars_ref import plot
+
+    assert plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
