@@ -113,7 +113,8 @@ class TrainConfig:
     log_interval: int | None = None
     ckpt_interval: int | None = field(default=None, metadata={"help": "checkpoint period (0: at the end)"})
     variance_every: int = field(default=0, metadata={"help": "measure gradient variance every K steps"})
-    variance_batches: int = field(default=16, metadata={"help": "held-out micro-batches for ∇F"})
+    variance_batches: int | None = field(default=None, metadata={
+        "help": "held-out micro-batches for ∇F (max(32, 8·grad_accum))"})
     sample_tokens: int | None = field(default=None, metadata={"help": "tokens to sample at the end"})
     out_dir: str | None = field(default=None, metadata={"help": "run directory (runs/<preset>-<opt>)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/ckpt.pt"})
@@ -193,6 +194,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                                         "bias") if getattr(cfg, k) is None})
     if cfg.lr_decay_iters is None:
         cfg = replace(cfg, lr_decay_iters=cfg.max_iters)
+    if cfg.variance_batches is None:
+        cfg = replace(cfg, variance_batches=max(32, 8 * cfg.grad_accum))
     if cfg.out_dir is None:
         name = f"{cfg.preset}-{cfg.optimizer}{'-exact' if cfg.exact else ''}"
         cfg = replace(cfg, out_dir=str(Path("runs") / name))

@@ -28,6 +28,15 @@ current point ``x_t``, *before* the optimizer step, on the step's own gradient:
   step's batch at the stored previous point (exact), then global-norm clipped like the
   training closure. Tensors off the MARS path contribute their ``g_t``.
 
+How good is the held-out ``∇F`` itself? Also logged: ``full_grad_sq = ‖∇F̂‖²/n``,
+``heldout_var``, the variance per coordinate of one held-out minibatch gradient (estimated
+from their spread; with ``grad_accum = 1`` it is what ``mse_g`` should be), and
+``heldout_noise = heldout_var / N``, the noise floor that every ``mse_*`` includes (subtract
+it to estimate the error to the true ∇F). When ``heldout_noise`` is not small against
+``full_grad_sq`` (late in training, near a minimum), ∇F̂ is mostly noise and every cosine
+tends to 0 (``cos_err`` to 1): use more ``--variance-batches`` (default ``max(32, 8 ×
+grad_accum)``).
+
 For each estimate ``e`` of ``∇F`` (all parameters concatenated) three numbers are logged:
 
 * ``mse_<e> = ‖e − ∇F‖² / n``: the mean squared error per coordinate. It depends on the
@@ -71,9 +80,11 @@ class VarianceProbe:
 
     # ------------------------------------------------------------------ gradients
 
-    def _mean_gradient(self, batches) -> list[Tensor]:
-        """Mean over ``batches`` of the loss gradient at the model's current parameters."""
+    def _mean_gradient(self, batches, spread: dict | None = None) -> list[Tensor]:
+        """Mean over ``batches`` of the loss gradient at the model's current parameters. With a dict
+        ``spread``, also store there ``sum_sq``: the sum over batches of each gradient's squared norm."""
         total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        sum_sq = 0.0
         was_training = self.model.training
         self.model.eval()
         try:
@@ -81,10 +92,15 @@ class VarianceProbe:
                 for x, y in batches:
                     with self.autocast:
                         _, loss = self.model(x, y)
-                    for t, g in zip(total, torch.autograd.grad(loss, self.params), strict=True):
+                    grads = torch.autograd.grad(loss, self.params)
+                    for t, g in zip(total, grads, strict=True):
                         t.add_(g.float())
+                    if spread is not None:
+                        sum_sq += sum(float(torch.linalg.vector_norm(g.double()) ** 2) for g in grads)
         finally:
             self.model.train(was_training)
+        if spread is not None:
+            spread["sum_sq"] = sum_sq
         return [t / len(batches) for t in total]
 
     def _exact_previous_gradients(self, step_batches, clip: float) -> dict[Tensor, Tensor]:
@@ -193,7 +209,12 @@ class VarianceProbe:
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         try:
-            full = self._mean_gradient(self.held_out)
+            spread: dict = {}
+            full = self._mean_gradient(self.held_out, spread)
+            n_batches, n_coords = len(self.held_out), sum(f.numel() for f in full)
+            full_sq = _dot(full, full)
+            # Unbiased variance of one held-out minibatch gradient, per coordinate, and that of their mean.
+            var = (spread["sum_sq"] - n_batches * full_sq) / max(n_batches - 1, 1) / n_coords
             clipped = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                        for p in self.params]
             scale = 1.0
@@ -205,8 +226,8 @@ class VarianceProbe:
             if exact:
                 g_prev = self._exact_previous_gradients(
                     step_batches() if callable(step_batches) else step_batches, clip)
-            record = {"n_batches": len(self.held_out),
-                      "full_grad_sq": _dot(full, full) / sum(f.numel() for f in full),
+            record = {"n_batches": n_batches, "full_grad_sq": full_sq / n_coords,
+                      "heldout_var": var, "heldout_noise": var / n_batches,
                       "clip_scale": scale}
             for name, est in {"g": raw, **self.estimates(step, clipped, g_prev)}.items():
                 record.update({f"{k}_{name}": v for k, v in compare(est, full).items()})

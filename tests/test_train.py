@@ -20,7 +20,8 @@ from mars_ref import data
 from mars_ref.train import OPTIMIZERS, load_checkpoint, main, parse_args, read_metrics, train
 
 TINY = ["--preset", "cpu-mini", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-        "--batch-size", "8", "--eval-iters", "2", "--sample-tokens", "0", "--warmup-iters", "5"]
+        "--batch-size", "8", "--eval-iters", "2", "--sample-tokens", "0", "--warmup-iters", "5",
+        "--variance-batches", "8"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -298,7 +299,14 @@ def test_variance_probe_recomputes_the_optimizers_momentum(kind):
             for p, c in zip(params, est["c"], strict=True):
                 if p.ndim == 2:
                     assert torch.linalg.vector_norm(c) <= 0.05 * (1 + 1e-5)
-    assert math.isfinite(probe.measure(5, None, 0.0, [batches[0]])["cos_err_m"])
+    record = probe.measure(5, None, 0.0, [batches[0]])
+    assert math.isfinite(record["cos_err_m"])
+    # The held-out spread: for two minibatch gradients the unbiased variance is ‖g1 − g2‖²/2.
+    g1, g2 = (torch.autograd.grad(model(x, y)[1], params) for x, y in batches[:2])
+    n = sum(p.numel() for p in params)
+    var = sum(float(((a - b) ** 2).sum()) for a, b in zip(g1, g2, strict=True)) / 2 / n
+    assert record["heldout_var"] == pytest.approx(var, rel=1e-4)
+    assert record["heldout_noise"] == pytest.approx(var / 2, rel=1e-4)
 
 
 def test_mars_under_ddp_bucket_views_matches_plain_training(tmp_path):
