@@ -30,7 +30,7 @@ current point ``x_t``, *before* the optimizer step, on the step's own gradient:
 
 How good is the held-out ``∇F`` itself? Also logged: ``full_grad_sq = ‖∇F̂‖²/n``,
 ``heldout_var``, the variance per coordinate of one held-out minibatch gradient (estimated
-from their spread; with ``grad_accum = 1`` it is what ``mse_g`` should be), and
+from their spread; ``mse_g`` should be about ``heldout_var / grad_accum + heldout_noise``), and
 ``heldout_noise = heldout_var / N``, the noise floor that every ``mse_*`` includes (subtract
 it to estimate the error to the true ∇F). When ``heldout_noise`` is not small against
 ``full_grad_sq`` (late in training, near a minimum), ∇F̂ is mostly noise and every cosine
