@@ -306,29 +306,32 @@ def probes(name):
 VAR_RUNS = [n for n in ("AdamW", "MARS-AdamW", "MARS-AdamW exact") if n in RUNS and probes(n)]
 ESTIMATE_STYLE = {"g": ("minibatch gradient $g_t$", ":", "tab:gray"), "c": ("corrected $c_t$", "--", "tab:red"),
                   "m": ("momentum $m_t$", "-", "tab:blue")}
-fig, axes = plt.subplots(2, len(VAR_RUNS), figsize=(4.3 * len(VAR_RUNS), 7.8), sharex=True, sharey="row",
-                         squeeze=False)
-for j, name in enumerate(VAR_RUNS):
-    p = probes(name)
-    steps = [r["step"] for r in p]
-    axes[0, j].plot(steps, [r["full_grad_sq"] for r in p], color="black", lw=2, alpha=0.25,
-                    label="zero vector $\\|\\hat\\nabla F\\|^2/n$")
-    axes[0, j].plot(steps, [r["heldout_noise"] for r in p], "-.", color="black", lw=1,
-                    label="noise floor of $\\hat\\nabla F$")
-    for key, (label, style, colour) in ESTIMATE_STYLE.items():
-        if f"mse_{key}" in p[0]:
-            axes[0, j].plot(steps, [r[f"mse_{key}"] for r in p], style, color=colour, marker=".", label=label)
-            axes[1, j].plot(steps, [r[f"cos_err_{key}"] for r in p], style, color=colour, marker=".", label=label)
-    axes[1, j].axhline(1.0, color="black", lw=1, alpha=0.4)
-    axes[0, j].set(title=name, yscale="log")
-    axes[1, j].set(xlabel="step", ylim=(0, 1.25))
-axes[0, 0].set_ylabel("MSE to $\\hat\\nabla F$ per coordinate")
-axes[1, 0].set_ylabel("$1 - \\cos(\\mathrm{estimate}, \\hat\\nabla F)$\n(1: orthogonal)")
-handles, labels = axes[0, -1].get_legend_handles_labels()
-fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8.5, frameon=False)
-fig.suptitle("How far each gradient estimate is from the full gradient (lower is better)")
-fig.tight_layout(rect=(0, 0.05, 1, 1))
-plt.show()
+if not VAR_RUNS:  # e.g. runs trained on the command line without --variance-every
+    print("no variance measurements in these runs: train them with --variance-every K")
+else:
+    fig, axes = plt.subplots(2, len(VAR_RUNS), figsize=(4.3 * len(VAR_RUNS), 7.8), sharex=True, sharey="row",
+                             squeeze=False)
+    for j, name in enumerate(VAR_RUNS):
+        p = probes(name)
+        steps = [r["step"] for r in p]
+        axes[0, j].plot(steps, [r["full_grad_sq"] for r in p], color="black", lw=2, alpha=0.25,
+                        label="zero vector $\\|\\hat\\nabla F\\|^2/n$")
+        axes[0, j].plot(steps, [r["heldout_noise"] for r in p], "-.", color="black", lw=1,
+                        label="noise floor of $\\hat\\nabla F$")
+        for key, (label, style, colour) in ESTIMATE_STYLE.items():
+            if f"mse_{key}" in p[0]:
+                axes[0, j].plot(steps, [r[f"mse_{key}"] for r in p], style, color=colour, marker=".", label=label)
+                axes[1, j].plot(steps, [r[f"cos_err_{key}"] for r in p], style, color=colour, marker=".", label=label)
+        axes[1, j].axhline(1.0, color="black", lw=1, alpha=0.4)
+        axes[0, j].set(title=name, yscale="log")
+        axes[1, j].set(xlabel="step", ylim=(0, 1.25))
+    axes[0, 0].set_ylabel("MSE to $\\hat\\nabla F$ per coordinate")
+    axes[1, 0].set_ylabel("$1 - \\cos(\\mathrm{estimate}, \\hat\\nabla F)$\n(1: orthogonal)")
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8.5, frameon=False)
+    fig.suptitle("How far each gradient estimate is from the full gradient (lower is better)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    plt.show()
 
 # %% [markdown]
 # Three things are visible, and none of them is "MARS's estimate is closer to $\nabla F$ than the
