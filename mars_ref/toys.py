@@ -1,0 +1,266 @@
+r"""Toy problems whose full gradient is known exactly, for the teaching notebooks (01–03 and later).
+
+Both problems share one small interface, vectorised over any leading batch dimensions (one row
+per seed, so 64 independent runs are one tensor of shape ``(64, dim)``):
+
+    xi = problem.sample(gen, shape)   # the randomness ξ of one stochastic gradient, for `shape` runs
+    g  = problem.stoch_grad(x, xi)    # ∇f(x, ξ), x of shape (*shape, dim)
+    G  = problem.grad(x)              # ∇F(x) = E_ξ ∇f(x, ξ), exactly
+    F  = problem.loss(x)              # F(x), shape `shape`
+    F, G = problem.loss_and_grad(x)   # both, sharing one forward pass
+    x0 = problem.init(gen, shape)     # a starting point per run
+    parts = problem.split(x)          # the "tensors" of x (for per-tensor clipping), views
+
+Evaluating ``stoch_grad`` at two points with the same ``xi`` is the "same sample twice" of
+exact STORM / exact MARS.
+
+* :class:`TwoLayerRegression`: a finite sum ``F(x) = 1/N Σ_i ½ (w_2ᵀ tanh(W_1 a_i) − b_i)²``
+  (a tanh network fitted to a noisy teacher; nonconvex). ``ξ`` is a minibatch of indices drawn
+  with replacement, so ``E‖∇f(x, ξ) − ∇F(x)‖² = tr Σ(x) / batch``: the batch size sets the noise.
+* :class:`Noisy2D`: the Rosenbrock-type valley ``F(u, v) = (1 − u)² + b (v − u²)²`` with additive
+  Gaussian gradient noise ``∇f = ∇F + σ ξ``, ``ξ ~ N(0, I₂)``; minimum ``F* = 0`` at ``(1, 1)``.
+
+:func:`run` runs SGD, momentum, STORM or MARS-momentum on many seeds at once and records, per
+step and seed, ``F(x_t)``, ``‖∇F(x_t)‖²`` and the estimator's error ``‖d_t − ∇F(x_t)‖²``. It
+calls the pieces of :mod:`mars_ref.pieces` (``storm_estimator``, ``storm_correction``,
+``clip_by_norm``, ``clip_by_global_norm``, ``momentum_``); it holds no formula of its own.
+
+Everything is float64 by default and deterministic given the generator's seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .pieces import clip_by_global_norm, clip_by_norm, momentum_, storm_correction, storm_estimator
+
+__all__ = ["TwoLayerRegression", "Noisy2D", "Run", "run", "METHODS"]
+
+
+class TwoLayerRegression:
+    r"""Finite-sum regression with a two-layer tanh network (bias-free), exact full gradient.
+
+    .. math::  F(x) = \frac1N \sum_{i=1}^N f_i(x), \qquad
+               f_i(x) = \tfrac12\big(w_2^\top \tanh(W_1 a_i) - b_i\big)^2, \qquad x = (W_1, w_2)
+
+    Data: ``a_i ~ N(0, I)`` in ``R^{d_in}``, ``b_i`` = a random teacher network of the same shape
+    plus ``label_noise · N(0, 1)``. ``x`` is flat: ``dim = hidden·d_in + hidden``, ``W_1`` first
+    (row-major ``(hidden, d_in)``), then ``w_2``. The problem (data, teacher) is fixed by ``seed``.
+    """
+
+    def __init__(self, n: int = 128, d_in: int = 8, hidden: int = 16, batch: int = 8,
+                 label_noise: float = 0.1, seed: int = 0, dtype: torch.dtype = torch.float64):
+        gen = torch.Generator().manual_seed(seed)
+        self.n, self.d_in, self.hidden, self.batch, self.dtype = n, d_in, hidden, batch, dtype
+        self.dim = hidden * d_in + hidden
+        self.A = torch.randn(n, d_in, generator=gen, dtype=dtype)
+        teacher = torch.cat([torch.randn(hidden * d_in, generator=gen, dtype=dtype) / d_in**0.5,
+                             torch.randn(hidden, generator=gen, dtype=dtype) * 2 / hidden**0.5])
+        self.b = self._predict(teacher, self.A) + label_noise * torch.randn(n, generator=gen, dtype=dtype)
+
+    # -- the parameters
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(W_1, w_2)`` as views of ``x``: shapes ``(*, hidden, d_in)`` and ``(*, hidden)``."""
+        k = self.hidden * self.d_in
+        return x[..., :k].unflatten(-1, (self.hidden, self.d_in)), x[..., k:]
+
+    def init(self, gen: torch.Generator, shape: tuple[int, ...] = ()) -> Tensor:
+        """A random starting point per run: ``W_1 ~ N(0, 1/d_in)``, ``w_2 ~ N(0, 1/hidden)``."""
+        W1 = torch.randn(*shape, self.hidden * self.d_in, generator=gen, dtype=self.dtype) / self.d_in**0.5
+        w2 = torch.randn(*shape, self.hidden, generator=gen, dtype=self.dtype) / self.hidden**0.5
+        return torch.cat([W1, w2], dim=-1)
+
+    # -- the randomness
+    def sample(self, gen: torch.Generator, shape: tuple[int, ...] = ()) -> Tensor:
+        """A minibatch of ``batch`` indices in ``[0, n)``, drawn with replacement, per run: ``(*shape, batch)``."""
+        return torch.randint(self.n, (*shape, self.batch), generator=gen)
+
+    # -- values and gradients
+    def _predict(self, x: Tensor, A: Tensor) -> Tensor:
+        W1, w2 = self.split(x)
+        return (torch.tanh(A @ W1.transpose(-1, -2)) @ w2.unsqueeze(-1)).squeeze(-1)
+
+    def _data(self, idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        return (self.A, self.b) if idx is None else (self.A[idx], self.b[idx])
+
+    def loss(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
+        """``F(x)`` (``idx=None``) or the minibatch loss ``f(x, idx)``; differentiable by autograd too."""
+        A, b = self._data(idx)
+        return 0.5 * (self._predict(x, A) - b).square().mean(-1)
+
+    def grad(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
+        """``∇F(x)`` (``idx=None``, the mean over all N samples) or ``∇f(x, idx)``, in closed form."""
+        return self.loss_and_grad(x, idx)[1]
+
+    def loss_and_grad(self, x: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(F(x), ∇F(x))`` or ``(f(x, idx), ∇f(x, idx))`` with one forward pass."""
+        A, b = self._data(idx)
+        W1, w2 = self.split(x)
+        H = torch.tanh(A @ W1.transpose(-1, -2))                      # (*, B, hidden)
+        r = (H @ w2.unsqueeze(-1)).squeeze(-1) - b                    # residuals (*, B)
+        count = A.shape[-2]
+        g_w2 = (H.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1) / count   # Σ_i r_i tanh(W1 a_i) / B
+        g_pre = (r.unsqueeze(-1) * w2.unsqueeze(-2)) * (1 - H * H)    # ∂f_i/∂(W1 a_i)
+        g_W1 = g_pre.transpose(-1, -2) @ A / count                    # (*, hidden, d_in)
+        return 0.5 * r.square().mean(-1), torch.cat([g_W1.flatten(-2), g_w2], dim=-1)
+
+    def stoch_grad(self, x: Tensor, xi: Tensor) -> Tensor:
+        """``∇f(x, ξ)``: the gradient on the minibatch ``ξ`` (indices from :meth:`sample`)."""
+        return self.grad(x, xi)
+
+
+class Noisy2D:
+    r"""A 2-D Rosenbrock-type valley with additive Gaussian gradient noise of size ``sigma``.
+
+    .. math::  F(u, v) = (1-u)^2 + b\,(v - u^2)^2, \qquad \nabla f(x, ξ) = \nabla F(x) + σ ξ,
+               \quad ξ \sim N(0, I_2)
+
+    Nonconvex (a curved valley), minimum ``F* = 0`` at ``(1, 1)``, Hessian there
+    ``[[2 + 8b, −4b], [−4b, 2b]]``. ``E‖∇f − ∇F‖² = 2σ²``.
+    """
+
+    dim = 2
+    minimum = (1.0, 1.0)
+
+    def __init__(self, sigma: float = 1.0, b: float = 5.0, dtype: torch.dtype = torch.float64):
+        self.sigma, self.b, self.dtype = sigma, b, dtype
+
+    def split(self, x: Tensor) -> tuple[Tensor]:
+        return (x,)
+
+    def init(self, gen: torch.Generator | None = None, shape: tuple[int, ...] = ()) -> Tensor:
+        """The classic start ``(−1.2, 1)`` for every run (``gen`` unused, kept for the interface)."""
+        return torch.tensor([-1.2, 1.0], dtype=self.dtype).expand(*shape, 2).clone()
+
+    def sample(self, gen: torch.Generator, shape: tuple[int, ...] = ()) -> Tensor:
+        """Standard normal ``ξ`` of shape ``(*shape, 2)``."""
+        return torch.randn(*shape, 2, generator=gen, dtype=self.dtype)
+
+    def loss(self, x: Tensor) -> Tensor:
+        u, v = x[..., 0], x[..., 1]
+        return (1 - u) ** 2 + self.b * (v - u * u) ** 2
+
+    def loss_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.loss(x), self.grad(x)
+
+    def grad(self, x: Tensor) -> Tensor:
+        u, v = x[..., 0], x[..., 1]
+        return torch.stack([-2 * (1 - u) - 4 * self.b * u * (v - u * u), 2 * self.b * (v - u * u)], dim=-1)
+
+    def stoch_grad(self, x: Tensor, xi: Tensor) -> Tensor:
+        return self.grad(x) + self.sigma * xi
+
+
+METHODS = ("sgd", "momentum", "storm-exact", "storm-approx", "mars-exact", "mars-approx")
+
+
+@dataclass
+class Run:
+    """What :func:`run` records, per step ``t = 1..steps`` (rows) and seed (columns).
+
+    ``loss[t−1] = F(x_t)`` and ``grad_sq[t−1] = ‖∇F(x_t)‖²`` at the point where ``d_t`` is computed;
+    ``err[t−1] = ‖d_t − ∇F(x_t)‖²`` (the estimator's error); ``corr[t−1] = ‖c_t − g_t‖`` (MARS
+    only, before clipping; 0 otherwise); ``final_loss = F(x_{steps+1})``; ``path`` the iterates
+    ``x_1..x_{steps+1}`` if asked for; ``diverged`` whether a run left ``‖x‖ ≤ 1e6`` or became
+    non-finite (it is frozen from then on and its records are ``inf``); ``evals_per_step``:
+    stochastic gradient evaluations per step (2 for the exact methods).
+    """
+
+    loss: Tensor
+    grad_sq: Tensor
+    err: Tensor
+    corr: Tensor
+    final_loss: Tensor
+    diverged: Tensor
+    evals_per_step: int
+    path: Tensor | None = None
+
+
+def _clip_rows(problem, c: Tensor, clip: str | None, max_norm: float) -> Tensor:
+    """Clip every run's ``c`` (rows of a ``(seeds, dim)`` tensor) with the library's rules."""
+    if clip is None or clip == "none":
+        return c
+    out = torch.empty_like(c)
+    for c_s, o_s in zip(c, out, strict=True):
+        parts = problem.split(c_s)
+        if clip == "tensor":
+            clipped = [clip_by_norm(p, max_norm) for p in parts]
+        elif clip == "global":
+            clipped = clip_by_global_norm(parts, max_norm)
+        else:
+            raise ValueError(f"clip must be None, 'none', 'tensor' or 'global', not {clip!r}")
+        for target, p in zip(problem.split(o_s), clipped, strict=True):
+            target.copy_(p)
+    return out
+
+
+def run(problem, method: str, lr: float, steps: int, seeds: int = 64, seed: int = 0, *,
+        beta: float = 0.95, gamma: float = 1.0, clip: str | None = None, max_norm: float = 1.0,
+        x0: Tensor | None = None, keep_path: bool = False) -> Run:
+    r"""Run ``x_{t+1} = x_t − η d_t`` on ``seeds`` independent runs at once; ``d_t`` by ``method``:
+
+    * ``"sgd"``: ``d_t = g_t = ∇f(x_t, ξ_t)``
+    * ``"momentum"``: ``d_t = m_t = β m_{t−1} + (1−β) g_t`` (``momentum_``)
+    * ``"storm-exact"`` / ``"storm-approx"``: ``d_t = g_t + (1−a)(d_{t−1} − g_prev)`` with
+      ``1 − a = β`` (``storm_estimator``); exact: ``g_prev = ∇f(x_{t−1}, ξ_t)``, approx: ``g_{t−1}``
+    * ``"mars-exact"`` / ``"mars-approx"``: ``c_t = g_t + γ β/(1−β)(g_t − g_prev)``
+      (``storm_correction``), clipped if ``clip`` is ``"tensor"``/``"global"`` (per run, over
+      ``problem.split``), then ``d_t = m_t = β m_{t−1} + (1−β) c_t``
+
+    ``g_prev = 0`` and ``d_0 = m_0 = 0`` at step 1 (the authors' convention). ``x0``: a start of
+    shape ``(dim,)`` or ``(seeds, dim)``; default ``problem.init`` with the run's generator. The
+    minibatches come from ``torch.Generator().manual_seed(seed)``, so two methods run with the same
+    ``seed`` see the same samples ``ξ_1, ξ_2, …`` (common random numbers).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    gen = torch.Generator().manual_seed(seed)
+    x = problem.init(gen, (seeds,)) if x0 is None else x0.to(problem.dtype).expand(seeds, problem.dim).clone()
+    exact = method.endswith("exact")
+    d = torch.zeros_like(x)          # d_{t−1} (STORM) or m_{t−1} (momentum, MARS)
+    g_prev = torch.zeros_like(x)     # g_{t−1} (approx); exact recomputes ∇f(x_{t−1}, ξ_t)
+    x_prev = None
+    diverged = torch.zeros(seeds, dtype=torch.bool)
+    rec = {k: torch.empty(steps, seeds, dtype=problem.dtype) for k in ("loss", "grad_sq", "err", "corr")}
+    path = [x.clone()] if keep_path else None
+    for t in range(steps):
+        xi = problem.sample(gen, (seeds,))
+        g = problem.stoch_grad(x, xi)
+        if exact:
+            g_prev = problem.stoch_grad(x_prev, xi) if x_prev is not None else torch.zeros_like(x)
+        corr = torch.zeros(seeds, dtype=problem.dtype)
+        if method == "sgd":
+            d = g
+        elif method == "momentum":
+            d = momentum_(d, g, beta)
+        elif method.startswith("storm"):
+            d = storm_estimator(g, g_prev, d, 1.0 - beta)
+        else:
+            c = storm_correction(g, g_prev, gamma, beta)
+            corr = (c - g).norm(dim=-1)
+            d = momentum_(d, _clip_rows(problem, c, clip, max_norm), beta)
+        rec["loss"][t], full = problem.loss_and_grad(x)
+        rec["grad_sq"][t] = full.square().sum(-1)
+        rec["err"][t] = (d - full).square().sum(-1)
+        rec["corr"][t] = corr
+        if not exact:
+            g_prev = g
+        x_prev = x.clone()
+        x = torch.where(diverged.unsqueeze(-1), x, x - lr * d)
+        bad = ~torch.isfinite(x).all(-1) | (x.norm(dim=-1) > 1e6)
+        if bad.any():
+            diverged |= bad
+            x = torch.where(diverged.unsqueeze(-1), torch.nan_to_num(x_prev), x)  # freeze where it was
+            d = torch.where(diverged.unsqueeze(-1), torch.zeros_like(d), d)
+            g_prev = torch.where(diverged.unsqueeze(-1), torch.zeros_like(g_prev), g_prev)
+        for k in rec:
+            rec[k][t] = torch.where(diverged, torch.inf, rec[k][t]) if k != "corr" else rec[k][t]
+        if keep_path:
+            path.append(x.clone())
+    final = torch.where(diverged, torch.inf, problem.loss(x))
+    return Run(loss=rec["loss"], grad_sq=rec["grad_sq"], err=rec["err"], corr=rec["corr"], final_loss=final,
+               diverged=diverged, evals_per_step=2 if exact else 1,
+               path=torch.stack(path) if keep_path else None)
