@@ -42,6 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import fast
 from .pieces import (
     adamw_direction,
     clip_by_global_norm,
@@ -77,6 +78,8 @@ class MARS(torch.optim.Optimizer):
         optimize_1d: send every tensor down the MARS path, not only 2-D ones.
         lr_1d, betas_1d, weight_decay_1d: the AdamW fallback for tensors off the MARS path.
         ns_steps, ns_dtype: Newton–Schulz iterations and compute dtype (``None`` = parameter dtype).
+        foreach: take the fast step of :mod:`mars_ref.fast` (grouped ``torch._foreach_*`` kernels, same
+            math and state, equal up to float rounding) instead of the readable per-tensor loop below.
     """
 
     def __init__(
@@ -97,12 +100,14 @@ class MARS(torch.optim.Optimizer):
         weight_decay_1d: float = 0.1,
         ns_steps: int = 5,
         ns_dtype: torch.dtype | None = torch.bfloat16,
+        foreach: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma=gamma,
             preconditioner=preconditioner, exact=exact, clip=clip, max_norm=max_norm,
             optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=tuple(betas_1d),
             weight_decay_1d=weight_decay_1d, ns_steps=ns_steps, ns_dtype=ns_dtype,
+            foreach=foreach,
         )
         _check_hyperparameters(defaults, where="")
         super().__init__(params, defaults)
@@ -118,6 +123,14 @@ class MARS(torch.optim.Optimizer):
                              "every parameter group (the previous point x_{t-1} is the whole model)")
         # The lr the 1-D fallback's ratio lr_1d / lr refers to: the group's lr at construction.
         group.setdefault("base_lr", group["lr"])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # ``foreach`` says how this optimizer computes, not what: keep this optimizer's choice, so a
+        # checkpoint of the readable path resumes on the fast one and back (the state is the same).
+        foreach = [group["foreach"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, flag in zip(self.param_groups, foreach, strict=True):
+            group["foreach"] = flag
 
     # ------------------------------------------------------------------ the step
 
@@ -141,7 +154,10 @@ class MARS(torch.optim.Optimizer):
         g_prev_exact = self._gradients_at_previous_point(closure, rng_before) if exact else {}
         self._check_gradients(g_prev_exact, " at the previous point (exact mode)")
         for group in self.param_groups:
-            self._step_group(group, g_prev_exact)
+            if group["foreach"]:
+                fast.step_group(self, group, g_prev_exact)  # same math, grouped kernels
+            else:
+                self._step_group(group, g_prev_exact)
         return loss
 
     def _step_group(self, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> None:
@@ -260,6 +276,8 @@ class MARS(torch.optim.Optimizer):
 
     def _check_gradients(self, grads: dict[Tensor, Tensor] | None = None, where: str = "") -> None:
         for i, group in enumerate(self.param_groups):
+            if group["foreach"] and fast.grads_finite(group["params"], grads):
+                continue  # one stacked check for the group; if it fails, the loop below names the tensor
             for j, p in enumerate(group["params"]):
                 grad = p.grad if grads is None else grads.get(p)
                 if grad is None:
@@ -314,7 +332,7 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         isinstance(group["ns_dtype"], torch.dtype) and group["ns_dtype"].is_floating_point
     ):
         bad("ns_dtype", "must be a floating torch.dtype or None")
-    for name in ("exact", "optimize_1d"):
+    for name in ("exact", "optimize_1d", "foreach"):
         if not isinstance(group[name], bool):
             bad(name, "must be True or False")
 

@@ -1,0 +1,151 @@
+"""Time one optimizer step on GPT-2 small's parameter set, as ratios measured side by side.
+
+    python benchmarks/step_time.py                 # GPT-2 small: 124.5M parameters, 148 tensors
+    python benchmarks/step_time.py --small         # a quick smoke run on a tiny parameter set
+
+The parameters are built from GPT-2 small's shapes (nanoGPT layout, GPT-2's own biases: the 148
+tensors are wte 50304×768, tied with the head, so no separate lm_head; wpe 1024×768; per layer
+ln_1, ln_2 weight and bias 768; attn c_attn 2304×768 + bias, c_proj 768×768 + bias; mlp c_fc
+3072×768 + bias, c_proj 768×3072 + bias; ln_f weight and bias. With ``bias=False`` the same model
+has 75 tensors and 124.4M parameters). Gradients are random and fixed. All optimizers step the
+same parameter tensors (each keeps its own state), one step each in turn, round-robin, so that a
+change of machine load hits all of them alike; the table shows medians over ``--repeats`` rounds
+after ``--warmup`` rounds, and each time as a multiple of fused AdamW's median.
+
+MARS-Shampoo spends its step in Newton–Schulz (matrix products, seconds per step on CPU), not in
+the elementwise work: its two rows are timed in a separate round-robin with at most 2 repeats.
+
+``pytorch-optimizer`` (PyPI) is not a dependency of mars_ref: install it for its row
+(``pip install pytorch-optimizer``); without it that row is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from mars_ref.optimizer import MARS
+
+
+def gpt2_shapes(n_layer: int = 12, n_embd: int = 768, vocab: int = 50304, block: int = 1024) -> list[tuple]:
+    shapes: list[tuple] = [(vocab, n_embd), (block, n_embd)]  # wte (tied with lm_head), wpe
+    for _ in range(n_layer):
+        shapes += [(n_embd,), (n_embd,)]  # ln_1 weight, bias
+        shapes += [(3 * n_embd, n_embd), (3 * n_embd,)]  # attn.c_attn
+        shapes += [(n_embd, n_embd), (n_embd,)]  # attn.c_proj
+        shapes += [(n_embd,), (n_embd,)]  # ln_2 weight, bias
+        shapes += [(4 * n_embd, n_embd), (4 * n_embd,)]  # mlp.c_fc
+        shapes += [(n_embd, 4 * n_embd), (n_embd,)]  # mlp.c_proj
+    shapes += [(n_embd,), (n_embd,)]  # ln_f weight, bias
+    return shapes
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, n_params: int) -> float:
+    """Bytes of the optimizer's state tensors (scalar step counters excluded) per parameter."""
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.numel() > 1:
+                total += value.numel() * value.element_size()
+    return total / n_params
+
+
+def optimizers(params) -> list[tuple[str, object]]:
+    """(row name, factory) pairs; a factory returns an optimizer, or raises ImportError."""
+    def pytorch_optimizer_mars(**kw):
+        from pytorch_optimizer import MARS as PyOptMARS  # noqa: N811
+
+        return PyOptMARS(params, lr=3e-3, **kw)
+
+    return [
+        ("torch AdamW fused", lambda: torch.optim.AdamW(params, lr=6e-4, fused=True)),
+        ("torch AdamW foreach", lambda: torch.optim.AdamW(params, lr=6e-4, foreach=True)),
+        ("MARS-AdamW readable", lambda: MARS(params, lr=3e-3)),
+        ("MARS-AdamW foreach", lambda: MARS(params, lr=3e-3, foreach=True)),
+        ("MARS-Lion readable", lambda: MARS(params, lr=1e-4, preconditioner="lion")),
+        ("MARS-Lion foreach", lambda: MARS(params, lr=1e-4, preconditioner="lion", foreach=True)),
+        ("pytorch-optimizer MARS", lambda: pytorch_optimizer_mars()),
+        ("pytorch-optimizer MARS foreach", lambda: pytorch_optimizer_mars(foreach=True)),
+    ]
+
+
+def shampoo_optimizers(params):
+    return [
+        ("MARS-Shampoo readable", lambda: MARS(params, lr=3e-3, preconditioner="shampoo")),
+        ("MARS-Shampoo foreach", lambda: MARS(params, lr=3e-3, preconditioner="shampoo", foreach=True)),
+    ]
+
+
+def round_robin(rows, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Step every optimizer once per round, in turn; return the step times (s) after warm-up."""
+    times: dict[str, list[float]] = {name: [] for name, _ in rows}
+    for r in range(warmup + repeats):
+        for name, opt in rows:
+            t0 = time.perf_counter()
+            opt.step()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (state allocation, caches)")
+    ap.add_argument("--small", action="store_true", help="a tiny parameter set (2 layers × 64, vocab 512)")
+    ap.add_argument("--no-shampoo", action="store_true", help="skip the two MARS-Shampoo rows")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    shapes = gpt2_shapes(2, 64, 512, 128) if args.small else gpt2_shapes()
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    n = sum(p.numel() for p in params)
+    print(f"parameter set: {'small' if args.small else 'GPT-2 small'}, {len(params)} tensors, "
+          f"{n / 1e6:.2f}M parameters, float32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load:
+        print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs)")
+
+    def build(pairs):
+        rows = []
+        for name, factory in pairs:
+            try:
+                rows.append((name, factory()))
+            except (ImportError, TypeError) as e:
+                print(f"skipped {name}: {type(e).__name__}: {e}")
+        return rows
+
+    rows = build(optimizers(params))
+    times = round_robin(rows, args.warmup, args.repeats)
+    if not args.no_shampoo:
+        shampoo_rows = build(shampoo_optimizers(params))
+        times.update(round_robin(shampoo_rows, min(args.warmup, 1), min(args.repeats, 2)))
+        rows += shampoo_rows
+    if load:
+        after = os.getloadavg()
+        print(f"load average after:  {after[0]:.2f} {after[1]:.2f} {after[2]:.2f}")
+
+    ref = statistics.median(times["torch AdamW fused"])
+    print()
+    print("| optimizer step | ms (median) | min–max ms | × fused AdamW | state bytes/param |")
+    print("|---|---|---|---|---|")
+    for name, opt in rows:
+        ts = times[name]
+        med = statistics.median(ts)
+        print(f"| {name} | {med * 1e3:.0f} | {min(ts) * 1e3:.0f}–{max(ts) * 1e3:.0f} | {med / ref:.2f} "
+              f"| {state_bytes_per_param(opt, n):.2f} |")
+    print(f"\n{args.repeats} timed rounds after {args.warmup} warm-up rounds (Shampoo rows: "
+          f"{min(args.repeats, 2)} after {min(args.warmup, 1)}), optimizers interleaved round-robin.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
