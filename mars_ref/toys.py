@@ -165,7 +165,8 @@ class Run:
     ``err[t−1] = ‖d_t − ∇F(x_t)‖²`` (the estimator's error); ``corr[t−1] = ‖c_t − g_t‖`` (MARS
     only, before clipping; 0 otherwise); ``final_loss = F(x_{steps+1})``; ``path`` the iterates
     ``x_1..x_{steps+1}`` if asked for; ``diverged`` whether a run left ``‖x‖ ≤ 1e6`` or became
-    non-finite (it is frozen from then on and its records are ``inf``); ``evals_per_step``:
+    non-finite (it is frozen from then on and its records are ``inf``, ``corr`` ``nan``, from the
+    step it diverged on); ``evals_per_step``:
     stochastic gradient evaluations per step (2 for the exact methods).
     """
 
@@ -256,8 +257,8 @@ def run(problem, method: str, lr: float, steps: int, seeds: int = 64, seed: int 
             x = torch.where(diverged.unsqueeze(-1), torch.nan_to_num(x_prev), x)  # freeze where it was
             d = torch.where(diverged.unsqueeze(-1), torch.zeros_like(d), d)
             g_prev = torch.where(diverged.unsqueeze(-1), torch.zeros_like(g_prev), g_prev)
-        for k in rec:
-            rec[k][t] = torch.where(diverged, torch.inf, rec[k][t]) if k != "corr" else rec[k][t]
+        for k in rec:  # a diverged run has no meaningful records: inf (nan for the correction size)
+            rec[k][t] = torch.where(diverged, torch.nan if k == "corr" else torch.inf, rec[k][t])
         if keep_path:
             path.append(x.clone())
     final = torch.where(diverged, torch.inf, problem.loss(x))
