@@ -101,7 +101,7 @@ uu, vv = torch.meshgrid(torch.linspace(-1.7, 1.7, 300), torch.linspace(-0.6, 2.0
 FF = toys.Noisy2D().loss(torch.stack([uu, vv], -1).double())
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
 for ax, sigma in zip(axes[:2], (0.0, 3.0), strict=True):
-    cs = ax.contour(uu, vv, FF, levels=[0.03, 0.1, 0.3, 1, 3, 10, 30], cmap="viridis", linewidths=0.8, alpha=0.8)
+    cs = ax.contour(uu, vv, FF, levels=[0.03, 0.1, 0.3, 1, 3, 10, 30], colors="0.55", linewidths=0.7)
     ax.clabel(cs, fontsize=7, fmt="%g")
     for method, color in (("sgd", "C0"), ("momentum", "C1")):
         p = paths[sigma, method]
@@ -226,8 +226,8 @@ assert late[2] / late[32] > 3  # 16x less noise variance: a much lower stationar
 assert not any(r.diverged.any().item() for r in fs.values())
 
 # %% [markdown]
-# With $B = 2$ the full gradient stops shrinking early and stays an order of magnitude above the
-# $B = 32$ run: same step size, same problem, the only difference is the noise of $g_t$.
+# With $B = 2$ the full gradient stops shrinking early and stays more than an order of magnitude above
+# the $B = 32$ run: same step size, same problem, the only difference is the noise of $g_t$.
 #
 # ## Summary
 #
@@ -237,7 +237,7 @@ assert not any(r.diverged.any().item() for r in fs.values())
 # * SGD and momentum both reach the valley, then stall at a **noise floor**: on the 2-D valley the
 #   plateau matched the linearised prediction $\frac{\eta\sigma^2}{2}\sum_k \frac{1}{2-\eta h_k}$ within
 #   the asserted margin for all nine $(\eta, \sigma)$, i.e. it is $\propto \eta\sigma^2$.
-# * On the finite sum, a 16× smaller batch leaves $\|\nabla F\|^2$ several times higher at the end.
+# * On the finite sum, a 16× smaller batch left $\|\nabla F\|^2$ about 20× higher at the end of the run.
 #
 # Notebook 02 builds the STORM estimator, which lowers the error of the gradient estimate itself.
 #

@@ -155,17 +155,20 @@ assert err["exact STORM"] < err["SGD, B = 16"] / 5      # and well below SGD at 
 assert err["exact STORM"] < err["momentum"] / 1.5       # and below momentum: no lag
 assert same < 1e-12                                     # approx STORM (gamma = 1) is SGD
 others = min(v for name, v in progress.items() if name != "exact STORM")
-assert progress["exact STORM"] < 0.9 * others           # ahead at equal cost, by the end of the budget
+assert progress["exact STORM"] < 1.1 * others           # not behind at equal cost by the end of the budget
 
 # %% [markdown]
 # **Reading.** After the first few dozen steps exact STORM's error is more than an order of magnitude
 # below SGD's, and still far below SGD with a doubled batch, which costs the same two gradient
 # evaluations per step. Momentum reduces the noise too (it averages $\approx 1/a = 20$ gradients), but
 # carries its lag; exact STORM is below it. Approx STORM lies exactly on SGD, as derived in section 1.
-# The right panel is what an optimizer is for: $\|\nabla F(x_t)\|^2$ per gradient evaluation. Exact STORM
-# starts slower (it pays two evaluations per step and its first steps average little), and by the end
-# of the budget it is ahead of every one-evaluation method (the numbers above); the margin is modest
-# because on this problem SGD's floor at $\eta = 0.05$ is not far above the optimum.
+# The right panel is what an optimizer is for: $\|\nabla F(x_t)\|^2$ per gradient evaluation. Here the
+# picture is more modest. Exact STORM starts slower (it pays two evaluations per step) and only
+# catches up late: at the end of this budget it is about 20 % below the best one-evaluation method
+# (the numbers above), and in the longer `MARS_REF_FULL=1` run (600 evaluations) it merely ties with
+# momentum. A 40× smaller estimator error at the *same* step size does not make a 40× better
+# optimizer: the error is one of several things that limit progress (the step size, the curvature,
+# the cost per step). The asserted claim is therefore only "not behind at equal cost".
 #
 # ## 4. The $\gamma$ sweep: from momentum to STORM
 #
@@ -232,7 +235,8 @@ assert gap_storm < 1e-9 and gap_sgd < 1e-9
 # * STORM's recursion $d_t = g_t + (1-a)(d_{t-1} - g_{\text{prev}})$ lets old error decay by $(1-a)$ and
 #   admits new noise with weight $a$; exact STORM (same sample at both points) measured more than
 #   10× below SGD's error on the finite sum, below SGD with a doubled batch at equal cost, and
-#   below momentum.
+#   below momentum. In progress per gradient evaluation ($\|\nabla F\|^2$) the gain was small: ahead by
+#   about 20 % at this budget, level with momentum over a longer one.
 # * Approx STORM ($g_{\text{prev}} = g_{t-1}$) with $d_0 = 0$ is SGD, identically.
 # * MARS's momentum with $\gamma = 1$ and no clipping is STORM with $1-a = \beta_1$ (checked to
 #   $10^{-14}$); $\gamma$ moves between momentum ($\gamma = 0$) and STORM. Notebook 03 looks at the
