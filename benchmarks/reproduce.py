@@ -1,0 +1,416 @@
+"""A small-scale rerun of the paper's GPT-2 comparison (MARS vs AdamW, Lion, Muon), with equal tuning effort.
+
+    python benchmarks/reproduce.py --quick            # 2 × 64 char-level GPT, 400 steps: ~10 min on 2 cores
+    python benchmarks/reproduce.py                    # full: 4 × 128 (cpu-tiny), 900 steps, 5-point lr grid
+    python benchmarks/reproduce.py --from-results benchmarks/results/reproduce_quick.json   # table + plot only
+
+Protocol, the same for every optimizer (AdamW, Lion, Muon, MARS-AdamW approx, MARS-AdamW exact, MARS-Lion,
+MARS-Shampoo), each trained in-process by ``mars_ref.train.train`` on character-level ``shakespeare``:
+
+1. **Tune**: seed 0, a fixed token budget (``max_iters`` steps of the preset's batch), the learning rate of
+   the ``mars_ref.train`` CPU recipe (pinned in ``BASE_LR``) times each factor of a small grid (quick ×{1/3, 1, 3}; full
+   ×{1/4, 1/2, 1, 2, 4}). One knob per optimizer: the factor scales ``lr``, ``min_lr`` and ``lr_1d``
+   (the AdamW fallback of MARS and Muon) together; every other setting is the recipe's.
+2. **Seeds**: the factor with the lowest final validation loss on seed 0 is run again with seeds 1 and 2
+   (seed 0 is reused), so each optimizer gets ``len(grid) + 2`` runs of the same length.
+3. **Exact MARS at equal gradient evaluations**: exact MARS evaluates two gradients per step. It is
+   compared at equal steps (rows above), and once more with half the steps (its own full warm-up + cosine
+   schedule over ``max_iters // 2`` steps, best factor of step 1, not re-tuned, 3 seeds), which uses the
+   same number of gradient evaluations as everyone else's full runs.
+
+The seed sets both the initial weights and the data order (``mars_ref.train`` draws batches from
+``(seed, step)``). Validation loss is the mean over the same ``eval_iters`` validation micro-batches at
+every evaluation, so curves of different runs are measured on identical data.
+
+Table columns: best lr (the factor in brackets); final validation loss, mean ± sample standard deviation
+(ddof = 1) over the 3 seeds; steps (and gradient evaluations) until the *seed-mean* validation curve first
+reaches AdamW's mean final validation loss (first evaluation at or below it; "—" if never; resolution
+``eval_interval``); gradient evaluations of a whole run; wall-clock seconds of a run (training and
+evaluations, mean over seeds; measured on a shared machine, see the results file's header).
+
+Raw results (every run's validation curve, final loss, seconds) go to ``<results>/reproduce_<mode>.json``,
+written after each run; rerunning the same command skips the runs already in it. ``--from-results`` redraws
+the table (``.md``) and the figure (``.png``) from such a file without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (key, label in tables, mars_ref.train optimizer, exact)
+OPTIMIZERS = [
+    ("adamw", "AdamW", "adamw", False),
+    ("lion", "Lion", "lion", False),
+    ("muon", "Muon", "muon", False),
+    ("mars-adamw", "MARS-AdamW (approx)", "mars-adamw", False),
+    ("mars-adamw-exact", "MARS-AdamW (exact)", "mars-adamw", True),
+    ("mars-lion", "MARS-Lion", "mars-lion", False),
+    ("mars-shampoo", "MARS-Shampoo", "mars-shampoo", False),
+]
+LABELS = {key: label for key, label, _, _ in OPTIMIZERS}
+HALF_KEY = "mars-adamw-exact-half"
+LABELS[HALF_KEY] = "MARS-AdamW (exact), ½ steps"
+EXACT_KEY = "mars-adamw-exact"
+
+# Centre of each lr grid: (lr, lr_1d, min_lr), the mars_ref.train CPU recipe as of commit 2c3cb44 (pinned here so
+# later recipe changes do not move the grid; that commit's AdamW lr 6e-3 was later set back to 3e-3 in train.py,
+# which ×{1/3, 1, 3} of 6e-3 brackets). Every other setting (betas, weight decay, γ, clipping) is the recipe's.
+BASE_LR = {
+    "adamw": (6e-3, 6e-3, 6e-5),
+    "lion": (5e-4, 5e-4, 5e-6),
+    "muon": (3e-2, 5e-3, 3e-4),
+    "mars-adamw": (1e-2, 5e-3, 1e-4),
+    "mars-adamw-exact": (1e-2, 5e-3, 1e-4),
+    "mars-lion": (1e-3, 5e-3, 1e-5),
+    "mars-shampoo": (3e-2, 5e-3, 3e-4),
+}
+BASE_LR[HALF_KEY] = BASE_LR[EXACT_KEY]
+
+MODES = {
+    # 2 layers × 64 (cpu-mini model: ~0.1M parameters + embeddings), 32 × 64 tokens per step.
+    "quick": dict(preset="cpu-mini", max_iters=400, warmup_iters=20, eval_interval=25, eval_iters=10,
+                  grid=[1 / 3, 1.0, 3.0], seeds=[0, 1, 2]),
+    # 4 layers × 128 (cpu-tiny: 0.8M parameters), 16 × 128 tokens per step; not run in CI.
+    "full": dict(preset="cpu-tiny", max_iters=900, warmup_iters=50, eval_interval=50, eval_iters=20,
+                 grid=[1 / 4, 1 / 2, 1.0, 2.0, 4.0], seeds=[0, 1, 2]),
+}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run_one(key: str, factor: float, seed: int, settings: dict, runs_dir: Path, phase: str,
+            max_iters: int | None = None) -> dict:
+    """Train one run in-process and return its record (validation curve, final loss, seconds)."""
+    from mars_ref.train import TrainConfig, train
+
+    _, _, optimizer, exact = next(o for o in OPTIMIZERS if o[0] == (EXACT_KEY if key == HALF_KEY else key))
+    steps = max_iters or settings["max_iters"]
+    out_dir = runs_dir / f"{key}-x{factor:.4g}-s{seed}"
+    cfg = TrainConfig(preset=settings["preset"], optimizer=optimizer, exact=exact, seed=seed,
+                      max_iters=steps, warmup_iters=settings["warmup_iters"],
+                      eval_interval=settings["eval_interval"], eval_iters=settings["eval_iters"],
+                      log_interval=settings["eval_interval"], ckpt_interval=0, sample_tokens=0,
+                      data_dir=settings["data_dir"], out_dir=str(out_dir), device="cpu",
+                      **settings.get("train_overrides", {}))  # e.g. a smaller model or data set in tests
+    lr, lr_1d, min_lr = BASE_LR[key]
+    cfg = replace(cfg, lr=lr * factor, min_lr=min_lr * factor, lr_1d=lr_1d * factor)
+    summary = train(cfg)
+    evals = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in evals if r.get("kind") == "eval" and r.get("val_loss") is not None]
+    final = summary["val_loss"]
+    return {"key": key, "label": LABELS[key], "optimizer": optimizer, "exact": exact, "phase": phase,
+            "factor": factor, "lr": cfg.lr, "lr_1d": cfg.lr_1d, "min_lr": cfg.min_lr, "seed": seed,
+            "max_iters": steps, "steps": [r["step"] for r in evals], "grad_evals": [r["grad_evals"] for r in evals],
+            "val_loss": [r["val_loss"] if math.isfinite(r["val_loss"]) else None for r in evals],
+            "time": [r["time"] for r in evals], "final_val_loss": final if final is not None and math.isfinite(final)
+            else None, "seconds": summary["seconds"], "total_grad_evals": summary["grad_evals"]}
+
+
+def same_run(a: dict, key: str, factor: float, seed: int, max_iters: int) -> bool:
+    return a["key"] == key and math.isclose(a["factor"], factor) and a["seed"] == seed and a["max_iters"] == max_iters
+
+
+def run_all(settings: dict, results_path: Path, runs_dir: Path, command: str) -> dict:
+    """The whole protocol; every finished run is appended to the results JSON at once (rerun to resume)."""
+    results = {"settings": settings, "command": command, "runs": []}
+    if results_path.exists():
+        old = json.loads(results_path.read_text())
+        if old.get("settings") == settings:
+            results["runs"] = old["runs"]
+            print(f"resuming: {len(results['runs'])} runs already in {results_path}")
+    results["host"] = {"cpus": os.cpu_count(), "torch_threads": settings["threads"],
+                       "machine": platform.machine(), "load_avg_at_start": os.getloadavg()}
+
+    def ensure(key: str, factor: float, seed: int, phase: str, max_iters: int) -> dict:
+        for r in results["runs"]:
+            if same_run(r, key, factor, seed, max_iters):
+                return r
+        t0 = time.perf_counter()
+        r = run_one(key, factor, seed, settings, runs_dir, phase, max_iters)
+        results["runs"].append(r)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"[{len(results['runs'])}] {LABELS[key]:28s} lr×{factor:.3g} seed {seed} {max_iters} steps: "
+              f"val {r['final_val_loss']}, {time.perf_counter() - t0:.1f} s", flush=True)
+        return r
+
+    n = settings["max_iters"]
+    for key, *_ in OPTIMIZERS:
+        for factor in settings["grid"]:
+            ensure(key, factor, settings["seeds"][0], "tune", n)
+    for key, *_ in OPTIMIZERS:
+        best = best_factor(results["runs"], key, n)
+        for seed in settings["seeds"][1:]:
+            ensure(key, best, seed, "seeds", n)
+    best = best_factor(results["runs"], EXACT_KEY, n)
+    for seed in settings["seeds"]:
+        ensure(HALF_KEY, best, seed, "half", n // 2)
+    return results
+
+
+# ----------------------------------------------------------------------------- analysis (no torch)
+
+
+def _loss(x: float | None) -> float:
+    return math.inf if x is None or not math.isfinite(x) else x
+
+
+def best_factor(runs: list[dict], key: str, max_iters: int) -> float:
+    """The grid factor whose seed-0 ("tune") run of ``key`` has the lowest final validation loss."""
+    tune = [r for r in runs if r["key"] == key and r["phase"] == "tune" and r["max_iters"] == max_iters]
+    if not tune:
+        raise ValueError(f"no tuning runs for {key!r}")
+    return min(tune, key=lambda r: _loss(r["final_val_loss"]))["factor"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_curve(runs: list[dict]) -> dict:
+    """Seed-mean validation curve of runs with identical evaluation steps: steps, grad_evals, mean, std."""
+    steps = runs[0]["steps"]
+    if any(r["steps"] != steps for r in runs):
+        raise ValueError("runs evaluated at different steps")
+    mean, std = [], []
+    for i in range(len(steps)):
+        m, s = mean_std([_loss(r["val_loss"][i]) for r in runs])
+        mean.append(m)
+        std.append(s if math.isfinite(s) else 0.0)
+    grad_evals = [sum(r["grad_evals"][i] for r in runs) / len(runs) for i in range(len(steps))]
+    return {"steps": steps, "grad_evals": grad_evals, "mean": mean, "std": std}
+
+
+def first_reach(curve: dict, target: float) -> tuple[int, float] | None:
+    """(step, grad evals) of the first evaluation where the mean curve is at or below ``target``; else None."""
+    for step, evals, value in zip(curve["steps"], curve["grad_evals"], curve["mean"], strict=True):
+        if value <= target + 1e-12:
+            return step, evals
+    return None
+
+
+def final_runs(runs: list[dict], key: str, max_iters: int) -> list[dict]:
+    """The runs of ``key`` at its best factor: seed 0 from tuning plus the other seeds (for the half-step
+    exact runs: all of them)."""
+    if key == HALF_KEY:
+        return sorted([r for r in runs if r["key"] == key], key=lambda r: r["seed"])
+    best = best_factor(runs, key, max_iters)
+    chosen = [r for r in runs if r["key"] == key and r["max_iters"] == max_iters and math.isclose(r["factor"], best)]
+    return sorted(chosen, key=lambda r: r["seed"])
+
+
+def summarize(results: dict) -> list[dict]:
+    """One row per optimizer (and the half-step exact runs, if any)."""
+    runs, n = results["runs"], results["settings"]["max_iters"]
+    keys = [k for k, *_ in OPTIMIZERS if any(r["key"] == k for r in runs)]
+    if any(r["key"] == HALF_KEY for r in runs):
+        keys.append(HALF_KEY)
+    adamw = final_runs(runs, "adamw", n)
+    target = mean_std([_loss(r["final_val_loss"]) for r in adamw])[0]
+    rows = []
+    for key in keys:
+        chosen = final_runs(runs, key, n)
+        curve = mean_curve(chosen)
+        m, s = mean_std([_loss(r["final_val_loss"]) for r in chosen])
+        reach = first_reach(curve, target)
+        tune = sorted([r for r in runs if r["key"] == (EXACT_KEY if key == HALF_KEY else key)
+                       and r["phase"] == "tune"], key=lambda r: r["factor"])
+        rows.append({"key": key, "label": LABELS.get(key, key), "lr": chosen[0]["lr"], "factor": chosen[0]["factor"],
+                     "seeds": [r["seed"] for r in chosen], "mean": m, "std": s,
+                     "reach_step": reach[0] if reach else None, "reach_evals": reach[1] if reach else None,
+                     "steps": chosen[0]["max_iters"],
+                     "grad_evals": mean_std([r["total_grad_evals"] for r in chosen])[0],
+                     "seconds": mean_std([r["seconds"] for r in chosen])[0], "curve": curve, "target": target,
+                     "grid": [(r["factor"], r["lr"], r["final_val_loss"]) for r in tune]})
+    return rows
+
+
+def fmt_loss(x: float) -> str:
+    return f"{x:.3f}" if math.isfinite(x) else "diverged"
+
+
+def table_markdown(results: dict) -> str:
+    """The results table (and the learning-rate grid) as markdown."""
+    s = results["settings"]
+    rows = summarize(results)
+    target = rows[0]["target"]
+    out = [f"Character-level GPT on `shakespeare`, preset `{s['preset']}`, {s['max_iters']} steps, "
+           f"lr grid ×{{{', '.join(f'{f:.3g}' for f in s['grid'])}}} of the CPU recipe (seed 0), "
+           f"best lr × seeds {s['seeds']}. Mean ± std (ddof=1) over seeds. "
+           f"Target for \"steps to reach\": AdamW's mean final val loss {target:.3f}.", "",
+           "| optimizer | best lr (×recipe) | final val loss | steps to reach AdamW | grad evals to reach AdamW "
+           "| steps | grad evals | wall-clock s (mean) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reach = "—" if r["reach_step"] is None else f"{r['reach_step']}"
+        reach_e = "—" if r["reach_evals"] is None else f"{r['reach_evals']:.0f}"
+        std = f" ± {r['std']:.3f}" if math.isfinite(r["mean"]) else ""
+        edge = " †" if r["key"] != HALF_KEY and (math.isclose(r["factor"], min(s["grid"]))
+                                                 or math.isclose(r["factor"], max(s["grid"]))) else ""
+        out.append(f"| {r['label']} | {r['lr']:.3g} (×{r['factor']:.3g}){edge} | {fmt_loss(r['mean'])}{std} | {reach} "
+                   f"| {reach_e} | {r['steps']} | {r['grad_evals']:.0f} | {r['seconds']:.1f} |")
+    if any(" †" in line for line in out):
+        out += ["", "† best lr at the edge of the grid: the optimum may lie outside it (this optimizer is "
+                    "under-tuned compared with the others)."]
+    out += ["", "Learning-rate grid, final val loss on seed 0 (best in bold):", "",
+            "| optimizer | " + " | ".join(f"×{f:.3g}" for f in s["grid"]) + " |",
+            "|---|" + "---|" * len(s["grid"])]
+    for r in rows:
+        if r["key"] == HALF_KEY:
+            continue
+        cells = []
+        for f in s["grid"]:
+            hit = [g for g in r["grid"] if math.isclose(g[0], f)]
+            if not hit:
+                cells.append("")
+                continue
+            _, lr, loss = hit[0]
+            text = f"{lr:.3g}: {fmt_loss(_loss(loss))}"
+            cells.append(f"**{text}**" if math.isclose(f, r["factor"]) else text)
+        out.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    exact = next((r for r in rows if r["key"] == EXACT_KEY), None)
+    if exact is not None:
+        c = exact["curve"]
+        others = [r["grad_evals"] for r in rows if r["key"] not in (EXACT_KEY, HALF_KEY)]
+        budget = max(others) if others else None
+        at = [(st, v) for st, e, v in zip(c["steps"], c["grad_evals"], c["mean"], strict=True)
+              if budget is not None and e <= budget + 1e-9]
+        if at:
+            out += ["", f"Exact MARS at equal gradient evaluations ({budget:.0f}): its full-length runs were at "
+                        f"val loss {fmt_loss(at[-1][1])} (mean) at step {at[-1][0]}, mid-schedule; the "
+                        f"half-step runs (own schedule) are the row \"{LABELS[HALF_KEY]}\"."]
+    host = results.get("host", {})
+    out += ["", f"Wall-clock: {host.get('cpus', '?')} CPU cores shared with other jobs "
+                f"(load average {', '.join(f'{x:.1f}' for x in host.get('load_avg_at_start', []))} at the start), "
+                f"torch threads {host.get('torch_threads', '?')}: seconds are pessimistic and noisy; compare ratios.",
+            f"Command: `{results.get('command', '?')}`"]
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict, out: Path) -> Path:
+    """Validation loss (seed mean, ±1 std band) vs steps and vs gradient evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarize(results)
+    s = results["settings"]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour_of = {key: colours[i % len(colours)] for i, (key, *_) in enumerate(OPTIMIZERS)}
+    colour_of[HALF_KEY] = colour_of[EXACT_KEY]
+    lows, highs = [], []
+    for r in rows:
+        c = r["curve"]
+        style = "--" if r["key"] == HALF_KEY else "-"
+        label = f"{r['label']} lr={r['lr']:.3g}: {fmt_loss(r['mean'])}"
+        mean = [v if math.isfinite(v) else float("nan") for v in c["mean"]]
+        lo = [m - d for m, d in zip(mean, c["std"], strict=True)]
+        hi = [m + d for m, d in zip(mean, c["std"], strict=True)]
+        for ax, x in ((axes[0], c["steps"]), (axes[1], c["grad_evals"])):
+            if r["key"] == HALF_KEY and ax is axes[0]:
+                continue
+            ax.plot(x, mean, style, color=colour_of[r["key"]], label=label, lw=1.6)
+            ax.fill_between(x, lo, hi, color=colour_of[r["key"]], alpha=0.18, lw=0)
+        finite = [v for v in mean if math.isfinite(v)]
+        if finite:
+            lows.append(min(finite))
+            later = [v for st, v in zip(c["steps"], mean, strict=True) if st >= 0.25 * s["max_iters"]
+                     and math.isfinite(v)]
+            highs.append(max(later) if later else max(finite))
+    target = rows[0]["target"]
+    for ax in axes:
+        ax.axhline(target, color="k", ls=":", lw=1, label=f"AdamW final mean {target:.3f}")
+        ax.grid(True, alpha=0.3)
+        ax.set_ylabel("validation loss (nats per character)")
+    if lows:
+        axes[0].set_ylim(min(lows) - 0.03, max(highs) + 0.05)
+    axes[0].set(xlabel="optimizer steps", title="Validation loss vs steps (mean over 3 seeds, ±1 std)")
+    axes[1].set(xlabel="gradient evaluations (exact MARS: 2 per step)",
+                title="Validation loss vs gradient evaluations")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False,
+               title="optimizer, best lr: final val loss (mean over seeds)", title_fontsize=9)
+    fig.suptitle(f"Char-level GPT on Shakespeare, preset {s['preset']}, {s['max_iters']} steps, "
+                 f"best lr of ×{{{', '.join(f'{f:.3g}' for f in s['grid'])}}} per optimizer", fontsize=11)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_outputs(results: dict, stem: Path) -> str:
+    md = table_markdown(results)
+    stem.with_suffix(".md").write_text(md)
+    plot(results, stem.with_suffix(".png"))
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the quick mode (2 × 64 model, 400 steps)")
+    parser.add_argument("--from-results", metavar="JSON", help="redraw the table and figure from a results file")
+    parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"),
+                        help="where the .json/.md/.png go (default benchmarks/results)")
+    parser.add_argument("--out", metavar="STEM", help="output path without suffix (default "
+                        "<results-dir>/reproduce_<mode>, or the --from-results file's stem)")
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "reproduce"), help="run directories (git-ignored)")
+    parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    parser.add_argument("--threads", default="auto",
+                        help="torch threads; auto (default): all cores if the 1-minute load average is below 1, "
+                             "else 1 (on a busy 2-core machine 2 threads ran ~10x slower than 1)")
+    parser.add_argument("--max-iters", type=int, help="override the mode's step count (and the results name)")
+    args = parser.parse_args(argv)
+
+    if args.from_results:
+        src = Path(args.from_results)
+        results = json.loads(src.read_text())
+        stem = Path(args.out) if args.out else src.with_suffix("")
+        print(write_outputs(results, stem), end="")
+        print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.png')}")
+        return 0
+
+    import torch
+
+    if args.threads == "auto":
+        args.threads = (os.cpu_count() or 1) if os.getloadavg()[0] < 1 else 1
+    args.threads = int(args.threads)
+    torch.set_num_threads(args.threads)
+    os.environ["TQDM_DISABLE"] = "1"
+    mode = "quick" if args.quick else "full"
+    settings = {**MODES[mode], "mode": mode, "threads": args.threads, "data_dir": args.data_dir}
+    name = f"reproduce_{mode}"
+    if args.max_iters:
+        settings["max_iters"] = args.max_iters
+        name += f"_{args.max_iters}"
+    stem = Path(args.out) if args.out else Path(args.results_dir) / name
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/reproduce.py", *(argv or sys.argv[1:])])
+    t0 = time.perf_counter()
+    results = run_all(settings, stem.with_suffix(".json"), Path(args.runs_dir) / name, command)
+    results["total_seconds"] = results.get("total_seconds", 0.0) + time.perf_counter() - t0
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    print(write_outputs(results, stem), end="")
+    print(f"total {results['total_seconds']:.0f} s; wrote {stem}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""benchmarks/reproduce.py: the table and figure from a hand-made results file (no training), and one
+few-step run through mars_ref.train."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+
+def run(key, factor, seed, mid, final, phase, max_iters=20, steps=(0, 10, 20), evals_per_step=1):
+    """A fake run record: validation 4.0 at step 0, ``mid`` at the middle evaluation, ``final`` at the end."""
+    evals = [max(0, evals_per_step * s - (evals_per_step - 1)) for s in steps]  # exact: 2 per step but the 1st
+    return {"key": key, "label": reproduce.LABELS[key], "optimizer": "x", "exact": evals_per_step == 2,
+            "phase": phase, "factor": factor, "lr": 1e-3 * factor, "lr_1d": 1e-3, "min_lr": 1e-5, "seed": seed,
+            "max_iters": max_iters, "steps": list(steps), "grad_evals": evals, "val_loss": [4.0, mid, final],
+            "time": [0.0, 1.0, 2.0], "final_val_loss": final, "seconds": 2.0 + seed, "total_grad_evals": evals[-1]}
+
+
+@pytest.fixture
+def results() -> dict:
+    runs = [
+        # AdamW: factor 1 wins on seed 0 (2.0); seeds 1, 2 end at 2.2, 2.4 -> 2.200 ± 0.200 (ddof 1)
+        run("adamw", 0.5, 0, 3.5, 3.0, "tune"), run("adamw", 1.0, 0, 3.0, 2.0, "tune"),
+        run("adamw", 2.0, 0, 3.0, 2.5, "tune"),
+        run("adamw", 1.0, 1, 3.0, 2.2, "seeds"), run("adamw", 1.0, 2, 3.0, 2.4, "seeds"),
+        # MARS-AdamW: factor 2 wins (1.8); finals 1.8, 1.9, 2.0 -> 1.900 ± 0.100; mean at step 10 is
+        # 2.1 <= 2.2, so it reaches AdamW's final at step 10 (10 gradient evaluations)
+        run("mars-adamw", 0.5, 0, 3.0, 2.6, "tune"), run("mars-adamw", 1.0, 0, 3.0, 2.1, "tune"),
+        run("mars-adamw", 2.0, 0, 2.1, 1.8, "tune"),
+        run("mars-adamw", 2.0, 1, 2.1, 1.9, "seeds"), run("mars-adamw", 2.0, 2, 2.1, 2.0, "seeds"),
+        # Lion never gets below 2.2
+        run("lion", 1.0, 0, 3.0, 2.5, "tune"), run("lion", 1.0, 1, 3.0, 2.6, "seeds"),
+        run("lion", 1.0, 2, 3.0, 2.7, "seeds"),
+        # exact MARS: 2 evaluations per step (1 on the first step): reaches 2.2 at step 20 = 39 evaluations
+        *[run("mars-adamw-exact", 1.0, s, 2.3, 2.1, "tune" if s == 0 else "seeds", evals_per_step=2)
+          for s in range(3)],
+        *[run(reproduce.HALF_KEY, 1.0, s, 3.0, 2.5, "half", max_iters=10, steps=(0, 5, 10), evals_per_step=2)
+          for s in range(3)],
+    ]
+    settings = {"preset": "cpu-mini", "max_iters": 20, "warmup_iters": 2, "eval_interval": 10, "eval_iters": 2,
+                "grid": [0.5, 1.0, 2.0], "seeds": [0, 1, 2], "mode": "quick", "threads": 1, "data_dir": "data"}
+    return {"settings": settings, "command": "hand-made", "runs": runs,
+            "host": {"cpus": 2, "torch_threads": 1, "load_avg_at_start": [1.0, 1.0, 1.0]}}
+
+
+def row(md: str, label: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_statistics_by_hand():
+    m, s = reproduce.mean_std([2.0, 2.2, 2.4])
+    assert m == pytest.approx(2.2) and s == pytest.approx(0.2)
+    assert reproduce.mean_std([1.5]) == (1.5, 0.0)
+    curve = {"steps": [0, 10, 20], "grad_evals": [0, 19, 39], "mean": [4.0, 2.3, 2.1]}
+    assert reproduce.first_reach(curve, 2.2) == (20, 39)
+    assert reproduce.first_reach(curve, 2.0) is None
+
+
+def test_from_results_regenerates_table_and_figure(results, tmp_path, capsys):
+    path = tmp_path / "synthetic.json"
+    path.write_text(json.dumps(results))
+    assert reproduce.main(["--from-results", str(path)]) == 0
+    md = (tmp_path / "synthetic.md").read_text()
+    assert md in capsys.readouterr().out
+    assert (tmp_path / "synthetic.png").stat().st_size > 10_000
+    # columns: optimizer, best lr, final val loss, steps to reach, grad evals to reach, steps, grad evals, seconds
+    assert row(md, "AdamW")[1:] == ["0.001 (×1)", "2.200 ± 0.200", "20", "20", "20", "20", "3.0"]
+    assert row(md, "MARS-AdamW (approx)")[1:] == ["0.002 (×2) †", "1.900 ± 0.100", "10", "10", "20", "20", "3.0"]
+    assert row(md, "Lion")[3:5] == ["—", "—"]
+    assert row(md, "MARS-AdamW (exact)")[2:7] == ["2.100 ± 0.000", "20", "39", "20", "39"]
+    assert row(md, "MARS-AdamW (exact), ½ steps")[2:7] == ["2.500 ± 0.000", "—", "—", "10", "19"]
+    assert "AdamW's mean final val loss 2.200" in md
+    assert "† best lr at the edge of the grid" in md
+    assert "| MARS-AdamW (approx) | 0.0005: 2.600 | 0.001: 2.100 | **0.002: 1.800** |" in md
+
+
+def test_best_factor_ignores_diverged_runs(results):
+    runs = results["runs"]
+    runs[1]["final_val_loss"] = None  # the winning AdamW run diverged: the next best (2.5 at ×2) wins
+    assert reproduce.best_factor(runs, "adamw", 20) == 2.0
+    assert math.isinf(reproduce._loss(float("nan")))
+
+
+def test_run_one_trains_a_few_steps(tmp_path):
+    """Three steps of exact MARS on a tiny data set through mars_ref.train: the record the table needs."""
+    import torch
+
+    from mars_ref import data
+
+    torch.set_num_threads(1)
+    words = "to be or not that is the question whether tis nobler in the mind".split()
+    rng = np.random.default_rng(0)
+    source = tmp_path / "source.txt"
+    source.write_text("\n".join(" ".join(rng.choice(words, size=8)) for _ in range(400)) + "\n")
+    data.prepare("tiny", data_dir=str(tmp_path), tokenizer="char", source=str(source))
+    settings = {"preset": "cpu-mini", "max_iters": 3, "warmup_iters": 1, "eval_interval": 2, "eval_iters": 1,
+                "data_dir": str(tmp_path), "train_overrides": {"dataset": "tiny", "n_layer": 1, "n_embd": 16,
+                                                              "n_head": 2, "block_size": 16, "batch_size": 4}}
+    r = reproduce.run_one("mars-adamw-exact", 3.0, 0, settings, tmp_path / "runs", "tune")
+    assert r["steps"] == [0, 2, 3] and r["grad_evals"] == [0, 3, 5]  # exact: 2 per step, 1 on the first
+    assert r["lr"] == pytest.approx(3 * 1e-2) and r["lr_1d"] == pytest.approx(3 * 5e-3)
+    assert r["final_val_loss"] == r["val_loss"][-1] and math.isfinite(r["final_val_loss"])
