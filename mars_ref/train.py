@@ -173,7 +173,7 @@ _CPU = {
     "mars-adamw": dict(_MARS, lr=1e-2, lr_1d=5e-3, min_lr=1e-4),
     "mars-lion": dict(_MARS, lr=1e-3, lr_1d=5e-3, min_lr=1e-5, weight_decay=0.1),
     "mars-shampoo": dict(_MARS, lr=3e-2, lr_1d=5e-3, min_lr=3e-4, weight_decay=0.0),
-    "adamw": dict(_ADAMW, lr=3e-3, lr_1d=3e-3, min_lr=3e-5),  # 6e-3 did better; notebook 06 prints 3e-3
+    "adamw": dict(_ADAMW, lr=6e-3, lr_1d=6e-3, min_lr=6e-5),  # best of 1e-3 / 3e-3 / 6e-3 at 900 steps
     "lion": dict(_LION, lr=5e-4, lr_1d=5e-4, min_lr=5e-6, weight_decay=0.3),
     "muon": dict(_MUON, lr=3e-2, lr_1d=5e-3, min_lr=3e-4),
 }
