@@ -12,15 +12,6 @@ from mars_ref import MARS, Lion, Muon
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~100x faster than two on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _problem():
     g = torch.Generator().manual_seed(4321)
     X = torch.randn(40, 5, generator=g, dtype=F64)

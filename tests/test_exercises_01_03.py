@@ -1,24 +1,13 @@
 """The toy problems of mars_ref.toys and the exercise solutions of notebooks 01–03."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_solution
 
 from mars_ref import toys
 
-SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"solutions_{name}", SOLUTIONS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-nb01 = load("nb01")
+nb01 = load_solution("nb01")
 
 
 # --------------------------------------------------------------------------- mars_ref.toys
@@ -121,7 +110,7 @@ def test_noise_without_replacement_matches_sampling(batch):
 
 # --------------------------------------------------------------------------- notebook 02
 
-nb02 = load("nb02")
+nb02 = load_solution("nb02")
 
 
 @pytest.mark.parametrize("a", [0.05, 0.3])
@@ -147,7 +136,7 @@ def test_gamma_doubling_noise_doubles_the_noise_of_c():
 
 # --------------------------------------------------------------------------- notebook 03
 
-nb03 = load("nb03")
+nb03 = load_solution("nb03")
 
 
 @pytest.mark.parametrize("clip", ["tensor", "global"])

@@ -1,26 +1,15 @@
 """The exercise solutions of notebooks 04 and 05, checked against independent computations."""
 
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_solution
 
 import mars_ref
 from mars_ref.pieces import newton_schulz, shampoo_direction
 
-SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"solutions_{name}", SOLUTIONS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-nb04, nb05 = load("nb04"), load("nb05")
+nb04, nb05 = load_solution("nb04"), load_solution("nb05")
 
 
 # --------------------------------------------------------------------------- notebook 04

@@ -1,24 +1,13 @@
 """The exercise solutions of notebook 06, checked against independent simulations."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_solution
 
 from mars_ref.pieces import momentum_, storm_correction
 
-SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"solutions_{name}", SOLUTIONS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-nb06 = load("nb06")
+nb06 = load_solution("nb06")
 
 
 def simulated_noise_ratio(gamma, beta1, n_heldout, trials=200_000, seed=0):
