@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .baselines import Lion, Muon
-from .model import GPT
+from .model import GPT, GPTConfig
 from .model import preset as model_preset
 from .optimizer import MARS
 
@@ -393,6 +393,26 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.close(dir_fd)
 
 
+def model_config(cfg: TrainConfig, meta: dict) -> GPTConfig:
+    """The network a (resolved) run trains on a data set with this ``meta.json``."""
+    vocab_size = meta["vocab_size"]
+    if meta.get("tokenizer") == "gpt2":
+        vocab_size = 64 * math.ceil(vocab_size / 64)  # 50257 -> 50304: faster matmuls
+    model_cfg = model_preset(cfg.model, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout)
+    return replace(model_cfg, bias=cfg.bias)
+
+
+def load_model(run_dir: str | Path) -> GPT:
+    """The model of a run's last checkpoint (``RUN_DIR/ckpt.pt``), on the CPU, in eval mode."""
+    ckpt = load_checkpoint(Path(run_dir) / "ckpt.pt")
+    cfg = TrainConfig(**ckpt["config"])
+    vocab_size = json.loads((Path(run_dir) / "config.json").read_text())["vocab_size"]
+    model = GPT(model_config(cfg, {"vocab_size": vocab_size}))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint, or raise ``CheckpointError`` naming the file: never start afresh silently."""
     if not path.is_file():
@@ -471,15 +491,11 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
         raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size ({d.world})")
 
     data_path, meta = prepare_data(cfg, d)
-    vocab_size = meta["vocab_size"]
-    if meta.get("tokenizer") == "gpt2":
-        vocab_size = 64 * math.ceil(vocab_size / 64)  # 50257 -> 50304: faster matmuls
+    model_cfg = model_config(cfg, meta)
+    vocab_size = model_cfg.vocab_size
 
     # Same initial weights on every process (DDP also broadcasts rank 0's), then one dropout stream each.
     torch.manual_seed(cfg.seed)
-    model_cfg = model_preset(cfg.model, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, block_size=cfg.block_size, dropout=cfg.dropout)
-    model_cfg = replace(model_cfg, bias=cfg.bias)
     model = GPT(model_cfg).to(device)
     torch.manual_seed(cfg.seed + 1 + d.rank)
     optimizer = make_optimizer(model, cfg, device)

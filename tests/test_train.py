@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mars_ref import data
-from mars_ref.train import OPTIMIZERS, load_checkpoint, main, parse_args, read_metrics, train
+from mars_ref.train import OPTIMIZERS, load_checkpoint, load_model, main, parse_args, read_metrics, train
 
 TINY = ["--preset", "cpu-mini", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
         "--batch-size", "8", "--eval-iters", "2", "--sample-tokens", "0", "--warmup-iters", "5",
@@ -104,6 +105,9 @@ def test_short_run_writes_metrics_variance_and_checkpoint(short_run):
     config = json.loads((short_run / "config.json").read_text())
     assert config["n_layer"] == 2
     assert config["vocab_size"] == data.load_meta(data_dir_of(short_run))["vocab_size"]
+    model = load_model(short_run)  # the checkpointed weights in a fresh GPT of the run's shape
+    assert not model.training and model.config.n_layer == 2
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
 
 
 def data_dir_of(run_dir: Path) -> Path:

@@ -43,8 +43,7 @@ import torch
 import mars_ref
 from mars_ref import data
 from mars_ref.model import GPT
-from mars_ref.model import preset as model_preset
-from mars_ref.train import TrainConfig, make_optimizer, read_metrics, resolve, train
+from mars_ref.train import TrainConfig, load_model, make_optimizer, model_config, read_metrics, resolve, train
 
 # ═════════════════════════════ THE ONE SETTING OF THIS NOTEBOOK ═════════════════════════════
 # "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~1 min.
@@ -153,9 +152,8 @@ print(f"{meta['name']}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_s
 
 # %%
 cfg_mars = config("MARS-AdamW")
-vocab = meta["vocab_size"] if meta["tokenizer"] == "char" else 64 * math.ceil(meta["vocab_size"] / 64)  # as train
-model = GPT(replace(model_preset(cfg_mars.model, vocab_size=vocab, n_layer=cfg_mars.n_layer, n_head=cfg_mars.n_head,
-                                 n_embd=cfg_mars.n_embd, block_size=cfg_mars.block_size), bias=cfg_mars.bias))
+model = GPT(model_config(cfg_mars, meta))
+vocab = model.config.vocab_size
 opt = make_optimizer(model, cfg_mars, "cpu")
 group_of = {p: g for g in opt.param_groups for p in g["params"]}
 on_mars = {name: group_of[p]["optimize_1d"] or p.ndim == 2 for name, p in model.named_parameters()}
@@ -433,11 +431,7 @@ if SCALE == "cpu":
 
 # %%
 run_dir = Path(config("MARS-AdamW").out_dir)
-ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
-c = summaries["MARS-AdamW"]
-trained = GPT(replace(model_preset(c["model"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                                   n_embd=c["n_embd"], block_size=c["block_size"]), bias=c["bias"]))
-trained.load_state_dict(ckpt["model"])
+trained = load_model(run_dir)
 prompt = "\n\nHAMLET.\n"
 out = trained.generate(torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=300, temperature=0.8, top_k=50,
                        generator=torch.Generator().manual_seed(0))
