@@ -67,8 +67,10 @@ def optimizers(params) -> list[tuple[str, object]]:
         ("torch AdamW foreach", lambda: torch.optim.AdamW(params, lr=6e-4, foreach=True)),
         ("MARS-AdamW readable", lambda: MARS(params, lr=3e-3)),
         ("MARS-AdamW foreach", lambda: MARS(params, lr=3e-3, foreach=True)),
+        ("MARS-AdamW fused", lambda: MARS(params, lr=3e-3, fused=True)),
         ("MARS-Lion readable", lambda: MARS(params, lr=1e-4, preconditioner="lion")),
         ("MARS-Lion foreach", lambda: MARS(params, lr=1e-4, preconditioner="lion", foreach=True)),
+        ("MARS-Lion fused", lambda: MARS(params, lr=1e-4, preconditioner="lion", fused=True)),
         ("pytorch-optimizer MARS", lambda: pytorch_optimizer_mars()),
         ("pytorch-optimizer MARS foreach", lambda: pytorch_optimizer_mars(foreach=True)),
     ]

@@ -48,11 +48,13 @@ SEGMENT_ELEMENTS = 1 << 21
 
 
 def grads_finite(params, grads: dict[Tensor, Tensor] | None = None) -> bool:
-    """True if every gradient of ``params`` (or ``grads[p]``) is dense and finite.
+    """True if every gradient of ``params`` (or ``grads[p]``) is dense and has a finite sum.
 
-    One max-abs reduction per tensor (``torch._foreach_norm(ord=inf)``: NaN propagates, no overflow)
-    and one host synchronisation per device. When it says False the caller walks the tensors one
-    by one to name the culprit (``MARS._check_gradients``).
+    A NaN or inf element makes its tensor's sum NaN or inf, so finite sums prove finite tensors: one
+    sum per tensor (the cheapest full reduction: ``isfinite`` or a max-abs norm are 8–12× slower on
+    CPU) and one host synchronisation per device. When it says False (a non-finite element, or a
+    rare float overflow of a sum) the caller walks the tensors one by one to name the culprit
+    (``MARS._check_group_gradients``), which looks closer before it raises.
     """
     gs = [p.grad if grads is None else grads.get(p) for p in params]
     gs = [g for g in gs if g is not None]
@@ -63,8 +65,8 @@ def grads_finite(params, grads: dict[Tensor, Tensor] | None = None) -> bool:
         if g.numel() > 0:
             by_device.setdefault(g.device, []).append(g)
     for tensors in by_device.values():
-        maxabs = torch._foreach_norm(tensors, ord=math.inf)
-        if not bool(torch.isfinite(torch.stack([n.float() for n in maxabs])).all()):
+        sums = torch.stack([g.sum().float() for g in tensors])
+        if not bool(torch.isfinite(sums).all()):
             return False
     return True
 

@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import fast
+from . import fast, fused
 from .pieces import (
     adamw_direction,
     clip_by_global_norm,
@@ -80,6 +80,8 @@ class MARS(torch.optim.Optimizer):
         ns_steps, ns_dtype: Newton–Schulz iterations and compute dtype (``None`` = parameter dtype).
         foreach: take the fast step of :mod:`mars_ref.fast` (grouped ``torch._foreach_*`` kernels, same
             math and state, equal up to float rounding) instead of the readable per-tensor loop below.
+        fused: take the fused CPU step of :mod:`mars_ref.fused` (one C loop per tensor and pass, compiled
+            once per machine; MARS-AdamW and MARS-Lion, float32 CPU tensors), same math and state.
     """
 
     def __init__(
@@ -101,13 +103,14 @@ class MARS(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_dtype: torch.dtype | None = torch.bfloat16,
         foreach: bool = False,
+        fused: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma=gamma,
             preconditioner=preconditioner, exact=exact, clip=clip, max_norm=max_norm,
             optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=tuple(betas_1d),
             weight_decay_1d=weight_decay_1d, ns_steps=ns_steps, ns_dtype=ns_dtype,
-            foreach=foreach,
+            foreach=foreach, fused=fused,
         )
         _check_hyperparameters(defaults, where="")
         super().__init__(params, defaults)
@@ -117,6 +120,8 @@ class MARS(torch.optim.Optimizer):
         group = self.param_groups[-1]
         where = f" (parameter group {len(self.param_groups) - 1})"
         _check_hyperparameters(group, where=where)
+        if group["fused"]:
+            fused.library()  # compile the C step now (once per machine), not at the first step
         if group["exact"] != self.param_groups[0]["exact"]:
             # exact mode evaluates the whole model at its previous point x_{t−1}: all groups or none
             raise ValueError(f"MARS: invalid exact={group['exact']!r}{where}: exact must be the same for "
@@ -125,12 +130,12 @@ class MARS(torch.optim.Optimizer):
         group.setdefault("base_lr", group["lr"])
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # ``foreach`` says how this optimizer computes, not what: keep this optimizer's choice, so a
-        # checkpoint of the readable path resumes on the fast one and back (the state is the same).
-        foreach = [group["foreach"] for group in self.param_groups]
+        # ``foreach`` and ``fused`` say how this optimizer computes, not what: keep this optimizer's
+        # choice, so a checkpoint of the readable path resumes on a fast one and back (same state).
+        paths = [(group["foreach"], group.get("fused", False)) for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, flag in zip(self.param_groups, foreach, strict=True):
-            group["foreach"] = flag
+        for group, (foreach, fused_) in zip(self.param_groups, paths, strict=True):
+            group["foreach"], group["fused"] = foreach, fused_
 
     # ------------------------------------------------------------------ the step
 
@@ -153,8 +158,13 @@ class MARS(torch.optim.Optimizer):
         self._check_gradients()
         g_prev_exact = self._gradients_at_previous_point(closure, rng_before) if exact else {}
         self._check_gradients(g_prev_exact, " at the previous point (exact mode)")
-        for group in self.param_groups:
-            if group["foreach"]:
+        # fused groups: every clipping norm (which is also the finite check) before anything changes
+        sums = {i: fused.first_pass(self, i, group, g_prev_exact)
+                for i, group in enumerate(self.param_groups) if group["fused"]}
+        for i, group in enumerate(self.param_groups):
+            if group["fused"]:
+                fused.step_group(self, group, g_prev_exact, sums[i])  # same math, one C loop per tensor
+            elif group["foreach"]:
                 fast.step_group(self, group, g_prev_exact)  # same math, grouped kernels
             else:
                 self._step_group(group, g_prev_exact)
@@ -276,23 +286,31 @@ class MARS(torch.optim.Optimizer):
 
     def _check_gradients(self, grads: dict[Tensor, Tensor] | None = None, where: str = "") -> None:
         for i, group in enumerate(self.param_groups):
+            if group["fused"] and grads is None:
+                continue  # g_t is checked by the first pass of the fused step (fused.first_pass), in step()
             if group["foreach"] and fast.grads_finite(group["params"], grads):
                 continue  # one stacked check for the group; if it fails, the loop below names the tensor
-            for j, p in enumerate(group["params"]):
-                grad = p.grad if grads is None else grads.get(p)
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        f"MARS does not support sparse gradients (parameter group {i}, parameter {j}, "
-                        f"shape {tuple(p.shape)}); use dense gradients (e.g. nn.Embedding(sparse=False))."
-                    )
-                if not torch.isfinite(grad).all():
-                    raise FloatingPointError(
-                        f"MARS: non-finite gradient{where} (nan or inf) in parameter group {i}, "
-                        f"parameter {j}, shape {tuple(p.shape)}; nothing was updated. Skip this step or "
-                        "lower the learning rate."
-                    )
+            self._check_group_gradients(i, group, grads, where)
+
+    def _check_group_gradients(self, i: int, group: dict, grads: dict[Tensor, Tensor] | None, where: str) -> None:
+        """Walk the tensors of group ``i``; raise, naming the first sparse or non-finite gradient."""
+        for j, p in enumerate(group["params"]):
+            grad = p.grad if grads is None else grads.get(p)
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    f"MARS does not support sparse gradients (parameter group {i}, parameter {j}, "
+                    f"shape {tuple(p.shape)}); use dense gradients (e.g. nn.Embedding(sparse=False))."
+                )
+            # a NaN or inf element makes the sum NaN or inf, so a finite sum clears the tensor in one cheap
+            # reduction (isfinite(grad) alone is ~12x slower); a non-finite sum may be a float overflow: look closer
+            if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
+                raise FloatingPointError(
+                    f"MARS: non-finite gradient{where} (nan or inf) in parameter group {i}, "
+                    f"parameter {j}, shape {tuple(p.shape)}; nothing was updated. Skip this step or "
+                    "lower the learning rate."
+                )
 
 
 def _on_mars_path(p: Tensor, group: dict) -> bool:
@@ -332,9 +350,10 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         isinstance(group["ns_dtype"], torch.dtype) and group["ns_dtype"].is_floating_point
     ):
         bad("ns_dtype", "must be a floating torch.dtype or None")
-    for name in ("exact", "optimize_1d", "foreach"):
+    for name in ("exact", "optimize_1d", "foreach", "fused"):
         if not isinstance(group[name], bool):
             bad(name, "must be True or False")
+    fused.check_group(group, where)
 
 
 def _rng_state() -> tuple:

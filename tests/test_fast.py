@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_state, exact_side_by_side, make_params, max_diff, run_side_by_side, set_grads
 
 from mars_ref import fast
 from mars_ref.optimizer import MARS
@@ -33,56 +34,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-SHAPES = [(12, 10), (10,), (6, 7, 2), (16, 16), (7,)]  # 2-D, 1-D, 3-D: the MARS path and the fallback
+FOREACH = dict(foreach=True)
 
 
-def _params(shapes=SHAPES, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
-
-
-def _set_grads(params_list, step, gen, skip=()):
-    shapes = [p.shape for p in params_list[0]]
-    scale = 3.0 if step % 2 else 0.01  # alternately clipped and not clipped
-    grads = [torch.randn(s, generator=gen) * scale for s in shapes]
-    for params in params_list:
-        for i, (p, gr) in enumerate(zip(params, grads, strict=True)):
-            p.grad = None if i in skip else gr.clone()
-
-
-def _run(kw, steps=20, shapes=SHAPES, groups=None, skip_every=None):
-    """Readable and fast side by side; returns (readable params, fast params, optimizers)."""
-    pa, pb = _params(shapes), _params(shapes)
-
-    def make(params, foreach):
-        if groups is None:
-            return MARS(params, foreach=foreach, **kw)
-        return MARS([dict(params=[params[i] for i in idx], **g) for idx, g in groups], foreach=foreach, **kw)
-
-    A, B = make(pa, False), make(pb, True)
-    gen = torch.Generator().manual_seed(2)
-    for t in range(steps):
-        skip = {t % len(shapes)} if skip_every and t % skip_every == 0 else ()
-        _set_grads([pa, pb], t, gen, skip)
-        A.step()
-        B.step()
-    return pa, pb, A, B
-
-
-def _max_diff(pa, pb):
-    return max((a - b).abs().max().item() for a, b in zip(pa, pb, strict=True))
-
-
-def _same_state(A, B, pa, pb):
-    for a, b in zip(pa, pb, strict=True):
-        sa, sb = A.state[a], B.state[b]
-        assert sorted(sa) == sorted(sb)
-        for key in sa:
-            if torch.is_tensor(sa[key]):
-                assert sa[key].dtype == sb[key].dtype and sa[key].shape == sb[key].shape
-                torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=1e-6)
-            else:
-                assert sa[key] == sb[key]
+def _run(kw, **options):
+    return run_side_by_side(kw, FOREACH, **options)
 
 
 @pytest.mark.parametrize("preconditioner", ["adamw", "lion", "shampoo"])
@@ -91,40 +47,16 @@ def _same_state(A, B, pa, pb):
 def test_same_parameters_as_readable(preconditioner, clip, optimize_1d):
     kw = dict(lr=1e-2, preconditioner=preconditioner, clip=clip, optimize_1d=optimize_1d, weight_decay=0.1)
     pa, pb, A, B = _run(kw)
-    assert _max_diff(pa, pb) <= 1e-6  # measured: 0 (tensors of one wave take the same float operations)
-    _same_state(A, B, pa, pb)
+    assert max_diff(pa, pb) <= 1e-6  # measured: 0 (tensors of one wave take the same float operations)
+    assert_same_state(A, B, pa, pb)
 
 
 @pytest.mark.parametrize("preconditioner", ["adamw", "lion", "shampoo"])
 @pytest.mark.parametrize("clip", ["tensor", "global"])
 def test_exact_mode_same_as_readable(preconditioner, clip):
-    torch.manual_seed(0)
-    X, Y = torch.randn(32, 12), torch.randn(32, 10)
-
-    def model_and_opt(foreach):
-        torch.manual_seed(3)
-        net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Dropout(0.1),
-                                  torch.nn.Linear(16, 10))
-        opt = MARS(net.parameters(), lr=1e-2, exact=True, preconditioner=preconditioner, clip=clip,
-                   weight_decay=0.1, foreach=foreach)
-        return net, opt
-
-    (na, oa), (nb, ob) = model_and_opt(False), model_and_opt(True)
-    for t in range(20):
-        rows = slice((t % 4) * 8, (t % 4) * 8 + 8)
-        for net, opt in ((na, oa), (nb, ob)):
-            torch.manual_seed(100 + t)  # same dropout masks on both sides
-
-            def closure(net=net, opt=opt, rows=rows):
-                opt.zero_grad()
-                loss = torch.nn.functional.mse_loss(net(X[rows]), Y[rows])
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-    pa, pb = list(na.parameters()), list(nb.parameters())
-    assert _max_diff(pa, pb) <= 1e-6
-    _same_state(oa, ob, pa, pb)
+    pa, pb, oa, ob = exact_side_by_side(FOREACH, preconditioner=preconditioner, clip=clip)
+    assert max_diff(pa, pb) <= 1e-6
+    assert_same_state(oa, ob, pa, pb)
     assert all("x_prev" in ob.state[p] and "g_prev" not in ob.state[p] for p in pb)
 
 
@@ -135,22 +67,22 @@ def test_groups_weight_decay_and_missing_grads():
         ([4], dict(weight_decay_1d=0.0, betas_1d=(0.8, 0.9), clip="none")),
     ]
     pa, pb, A, B = _run(dict(lr=1e-2), groups=groups, skip_every=3)
-    assert _max_diff(pa, pb) <= 1e-6
-    _same_state(A, B, pa, pb)
+    assert max_diff(pa, pb) <= 1e-6
+    assert_same_state(A, B, pa, pb)
     assert A.state[pa[0]]["step"] < 20  # some steps had no gradient for that tensor
 
 
 def test_mixed_groups_readable_and_fast():
     """foreach is per group: a group on each path in one optimizer equals the readable optimizer."""
-    pa, pb = _params(), _params()
+    pa, pb = make_params(), make_params()
     A = MARS(pa, lr=1e-2)
     B = MARS([dict(params=pb[:2], foreach=True), dict(params=pb[2:])], lr=1e-2)
     gen = torch.Generator().manual_seed(2)
     for t in range(10):
-        _set_grads([pa, pb], t, gen)
+        set_grads([pa, pb], t, gen)
         A.step()
         B.step()
-    assert _max_diff(pa, pb) <= 1e-6
+    assert max_diff(pa, pb) <= 1e-6
 
 
 @pytest.mark.parametrize("preconditioner", ["adamw", "lion", "shampoo"])
@@ -172,12 +104,12 @@ def test_tensors_split_across_waves(monkeypatch, preconditioner):
                 flipped = (a - b).abs() > 1e-6
                 assert flipped.float().mean() <= 0.01
         else:
-            assert _max_diff(pa, pb) <= 1e-6
+            assert max_diff(pa, pb) <= 1e-6
 
 
 def test_state_dict_moves_between_paths():
     kw = dict(lr=1e-2, weight_decay=0.1)
-    pa, pb = _params(), _params()
+    pa, pb = make_params(), make_params()
     A, B = MARS(pa, **kw), MARS(pb, foreach=True, **kw)
     gen = torch.Generator().manual_seed(2)
     for t in range(20):
@@ -187,11 +119,11 @@ def test_state_dict_moves_between_paths():
             A.load_state_dict(sb)
             B.load_state_dict(sa)
             assert not A.param_groups[0]["foreach"] and B.param_groups[0]["foreach"]
-        _set_grads([pa, pb], t, gen)
+        set_grads([pa, pb], t, gen)
         A.step()
         B.step()
-    assert _max_diff(pa, pb) <= 1e-6
-    _same_state(A, B, pa, pb)
+    assert max_diff(pa, pb) <= 1e-6
+    assert_same_state(A, B, pa, pb)
 
 
 @pytest.mark.parametrize("preconditioner,per_param", [("adamw", 12), ("lion", 8), ("shampoo", 8)])
@@ -206,13 +138,13 @@ def test_state_bytes_per_parameter(preconditioner, per_param):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_gradient_raises_and_updates_nothing(bad):
-    pa, pb = _params(), _params()
+    pa, pb = make_params(), make_params()
     A, B = MARS(pa, lr=1e-2), MARS(pb, lr=1e-2, foreach=True)
     gen = torch.Generator().manual_seed(2)
-    _set_grads([pa, pb], 0, gen)
+    set_grads([pa, pb], 0, gen)
     A.step()
     B.step()
-    _set_grads([pa, pb], 1, gen)
+    set_grads([pa, pb], 1, gen)
     pa[3].grad[2, 5] = bad
     pb[3].grad[2, 5] = bad
     before = [p.detach().clone() for p in pb]
@@ -239,8 +171,8 @@ def test_foreach_is_validated():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("preconditioner", ["adamw", "lion", "shampoo"])
 def test_cuda_same_as_readable(preconditioner):
-    pa = [p.detach().cuda().requires_grad_() for p in _params()]
-    pb = [p.detach().cuda().requires_grad_() for p in _params()]
+    pa = [p.detach().cuda().requires_grad_() for p in make_params()]
+    pb = [p.detach().cuda().requires_grad_() for p in make_params()]
     kw = dict(lr=1e-2, preconditioner=preconditioner, weight_decay=0.1)
     A, B = MARS(pa, **kw), MARS(pb, foreach=True, **kw)
     gen = torch.Generator().manual_seed(2)
@@ -255,7 +187,7 @@ def test_cuda_same_as_readable(preconditioner):
         for a, b in zip(pa, pb, strict=True):
             torch.testing.assert_close(A.state[a]["m"], B.state[b]["m"], rtol=1e-5, atol=1e-7)
     else:
-        assert _max_diff(pa, pb) <= 1e-5
+        assert max_diff(pa, pb) <= 1e-5
 
 
 def test_benchmark_smoke():
