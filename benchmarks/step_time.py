@@ -15,6 +15,12 @@ after ``--warmup`` rounds, and each time as a multiple of fused AdamW's median.
 MARS-Shampoo spends its step in Newton–Schulz (matrix products, seconds per step on CPU), not in
 the elementwise work: its two rows are timed in a separate round-robin with at most 2 repeats.
 
+Two more rows measure what the bytes alone cost (``benchmarks/traffic.c``, compiled like
+``mars_ref/fused.c``): a loop that reads and writes exactly the arrays of fused AdamW (7 float
+arrays per parameter) and one that moves those of fused MARS-AdamW (11: a first pass reading g and
+g_prev for the clipping norm, then 5 reads and 4 writes). Their ratio is the floor of "MARS-AdamW
+step / AdamW step" on this machine when both are limited by memory bandwidth.
+
 ``pytorch-optimizer`` (PyPI) is not a dependency of mars_ref: install it for its row
 (``pip install pytorch-optimizer``); without it that row is skipped.
 """
@@ -22,14 +28,19 @@ the elementwise work: its two rows are timed in a separate round-robin with at m
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from mars_ref import fused
 from mars_ref.optimizer import MARS
+
+TRAFFIC_C = Path(__file__).with_name("traffic.c")
 
 
 def gpt2_shapes(n_layer: int = 12, n_embd: int = 768, vocab: int = 50304, block: int = 1024) -> list[tuple]:
@@ -73,7 +84,41 @@ def optimizers(params) -> list[tuple[str, object]]:
         ("MARS-Lion fused", lambda: MARS(params, lr=1e-4, preconditioner="lion", fused=True)),
         ("pytorch-optimizer MARS", lambda: pytorch_optimizer_mars()),
         ("pytorch-optimizer MARS foreach", lambda: pytorch_optimizer_mars(foreach=True)),
+        (TRAFFIC_ADAMW, lambda: Traffic(params, 7)),
+        (TRAFFIC_MARS, lambda: Traffic(params, 11)),
     ]
+
+
+TRAFFIC_ADAMW = "memory traffic only: AdamW's 7 arrays"
+TRAFFIC_MARS = "memory traffic only: MARS-AdamW's 11 arrays"
+
+
+
+class Traffic:
+    """A pseudo-optimizer whose ``step`` moves an optimizer's arrays through memory and does nothing else."""
+
+    def __init__(self, params, arrays: int):
+        self.lib, _ = fused.build(TRAFFIC_C)
+        P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.lib.traffic_adamw.argtypes = [P, P, P, P, I64, INT]
+        self.lib.traffic_mars.argtypes = [P, P, P, P, P, I64, INT]
+        self.lib.traffic_mars.restype = ctypes.c_float
+        self.params, self.arrays = params, arrays
+        # its own x (it writes x) and state; the gradients are the shared ones
+        names = ["x", "m", "v"] + (["g_prev"] if arrays == 11 else [])
+        self.buffers = {p: {k: p.detach().clone() if k == "x" else torch.zeros_like(p) for k in names} for p in params}
+        self.state: dict = {}  # nothing to report as optimizer state
+
+    def step(self):
+        threads = torch.get_num_threads()
+        for p in self.params:
+            b = self.buffers[p]
+            if self.arrays == 7:
+                self.lib.traffic_adamw(b["x"].data_ptr(), p.grad.data_ptr(), b["m"].data_ptr(), b["v"].data_ptr(),
+                                       p.numel(), threads)
+            else:
+                self.lib.traffic_mars(b["x"].data_ptr(), p.grad.data_ptr(), b["g_prev"].data_ptr(),
+                                      b["m"].data_ptr(), b["v"].data_ptr(), p.numel(), threads)
 
 
 def shampoo_optimizers(params):
@@ -142,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, opt in rows:
         ts = times[name]
         med = statistics.median(ts)
-        print(f"| {name} | {med * 1e3:.0f} | {min(ts) * 1e3:.0f}–{max(ts) * 1e3:.0f} | {med / ref:.2f} "
-              f"| {state_bytes_per_param(opt, n):.2f} |")
+        state = "–" if isinstance(opt, Traffic) else f"{state_bytes_per_param(opt, n):.2f}"
+        print(f"| {name} | {med * 1e3:.0f} | {min(ts) * 1e3:.0f}–{max(ts) * 1e3:.0f} | {med / ref:.2f} | {state} |")
+    if TRAFFIC_MARS in times and "MARS-AdamW fused" in times:
+        floor = statistics.median(times[TRAFFIC_MARS]) / statistics.median(times[TRAFFIC_ADAMW])
+        print(f"\nbandwidth floor on this machine: MARS-AdamW's bytes take {floor:.2f}× AdamW's "
+              f"(traffic rows); MARS-AdamW fused takes {statistics.median(times['MARS-AdamW fused']) / ref:.2f}× "
+              "fused AdamW")
     print(f"\n{args.repeats} timed rounds after {args.warmup} warm-up rounds (Shampoo rows: "
           f"{min(args.repeats, 2)} after {min(args.warmup, 1)}), optimizers interleaved round-robin.")
     return 0

@@ -97,28 +97,34 @@ def kernel_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def library() -> tuple[ctypes.CDLL, list[str]]:
-    """Compile ``fused.c`` (once per machine, cached) and load it; returns (library, flags used)."""
+    """``fused.c`` compiled (once per machine, cached) and loaded; returns (library, flags used)."""
+    lib, flags = build(SOURCE)
+    _declare(lib)
+    return lib, flags
+
+
+@functools.lru_cache(maxsize=None)
+def build(source: Path) -> tuple[ctypes.CDLL, list[str]]:
+    """Compile a C file into a shared library in :func:`kernel_dir` (unless already there) and load it."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    source = SOURCE.read_bytes()
+    text = source.read_bytes()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(source + repr((cc, version, flags, _machine_tag())).encode()).hexdigest()[:16]
-        target = kernel_dir() / f"mars_fused_{key}.so"
+        key = hashlib.sha256(text + repr((cc, version, flags, _machine_tag())).encode()).hexdigest()[:16]
+        target = kernel_dir() / f"{source.stem}_{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # then renamed: atomic
                 out = Path(tmp) / target.name
-                run = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(out)],
+                run = subprocess.run([cc, *flags, "-shared", "-fPIC", str(source), "-o", str(out)],
                                      capture_output=True, text=True)
                 if run.returncode != 0:
                     errors.append(f"{cc} {' '.join(flags)}: {run.stderr.strip()[-500:]}")
                     continue
                 os.replace(out, target)
-        lib = ctypes.CDLL(str(target))
-        _declare(lib)
-        return lib, flags
-    raise RuntimeError("MARS(fused=True): could not compile mars_ref/fused.c:\n" + "\n".join(errors))
+        return ctypes.CDLL(str(target)), flags
+    raise RuntimeError(f"MARS(fused=True): could not compile {source}:\n" + "\n".join(errors))
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -33,6 +33,11 @@ docs are silent, made here and tested:
 * A non-finite gradient raises ``FloatingPointError`` naming the parameter, before any
   state or parameter is touched, so the step can be skipped (``torch.amp.GradScaler``
   already skips such steps before calling ``step``).
+
+The same step is computed three ways, chosen per group, with the same state (checkpoints move
+between them): the readable loop of ``_step_group`` below, the teaching text; ``foreach=True``
+(:mod:`mars_ref.fast`, grouped ``torch._foreach_*`` kernels, any device and dtype); ``fused=True``
+(:mod:`mars_ref.fused` and ``fused.c``, one C loop per tensor and pass, float32 on CPU).
 """
 
 from __future__ import annotations

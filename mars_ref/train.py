@@ -56,6 +56,7 @@ from .model import preset as model_preset
 from .optimizer import MARS
 
 OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo")
+STEP_IMPLS = ("readable", "foreach", "fused")  # MARS(foreach=...) / MARS(fused=...)
 CHECKPOINT_FORMAT = "mars_ref.train/1"
 
 # Random streams of the data sampler: one per use, so adding evaluations never shifts training batches.
@@ -81,6 +82,8 @@ class TrainConfig:
         ["cpu-tiny", "cpu-mini", "gpt2-small", "gpt2-medium", "gpt2-large"])})
     optimizer: str = field(default="mars-adamw", metadata={"help": "one of " + ", ".join(OPTIMIZERS)})
     exact: bool = field(default=False, metadata={"help": "exact MARS: 2 gradient evaluations per step"})
+    step_impl: str = field(default="readable", metadata={"help": "how MARS computes its step (same math, same "
+        "state): readable, foreach (grouped torch kernels: use on CUDA), fused (one C loop per tensor: use on CPU)"})
     # model
     model: str | None = field(default=None, metadata={"help": "model preset (mars_ref.model.PRESETS)"})
     n_layer: int | None = None
@@ -188,6 +191,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
     if cfg.exact and not cfg.optimizer.startswith("mars"):
         raise ConfigError(f"--exact is a MARS option; optimizer {cfg.optimizer!r} has no exact mode")
+    if cfg.step_impl not in STEP_IMPLS:
+        raise ConfigError(f"unknown step_impl {cfg.step_impl!r}; choose one of {STEP_IMPLS}")
+    if cfg.step_impl != "readable" and not cfg.optimizer.startswith("mars"):
+        raise ConfigError(f"--step_impl is a MARS option; optimizer {cfg.optimizer!r} has its own step")
     defaults = {**TRAIN_PRESETS[cfg.preset], "gamma": 0.0,  # γ: MARS only
                 **OPTIM_RECIPES[cfg.preset][cfg.optimizer]}
     filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
@@ -351,7 +358,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> tor
     if cfg.optimizer == "muon":
         return Muon(params, lr=cfg.lr, momentum=cfg.beta1, weight_decay=cfg.weight_decay, lr_1d=cfg.lr_1d)
     return MARS(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, gamma=cfg.gamma,
-                preconditioner=cfg.optimizer.removeprefix("mars-"), exact=cfg.exact, lr_1d=cfg.lr_1d)
+                preconditioner=cfg.optimizer.removeprefix("mars-"), exact=cfg.exact, lr_1d=cfg.lr_1d,
+                foreach=cfg.step_impl == "foreach", fused=cfg.step_impl == "fused")
 
 
 def lr_factor(cfg: TrainConfig):

@@ -238,11 +238,11 @@ def test_compiled_once_and_cached(tmp_path, monkeypatch):
     code = ("import torch; from mars_ref import fused; lib, flags = fused.library(); "
             "print(fused.kernel_dir()); print(' '.join(flags))")
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    built = sorted((tmp_path / "kernels").glob("mars_fused_*.so"))
+    built = sorted((tmp_path / "kernels").glob("fused_*.so"))
     assert len(built) == 1 and str(tmp_path / "kernels") in first.stdout
     mtime = built[0].stat().st_mtime_ns
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert sorted((tmp_path / "kernels").glob("mars_fused_*.so")) == built
+    assert sorted((tmp_path / "kernels").glob("fused_*.so")) == built
     assert built[0].stat().st_mtime_ns == mtime
 
 
@@ -260,7 +260,7 @@ def test_compiler_errors_are_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("MARS_REF_CACHE", str(tmp_path / "cache"))
     fused.library.cache_clear()
     try:
-        with pytest.raises(RuntimeError, match="could not compile mars_ref/fused.c"):
+        with pytest.raises(RuntimeError, match="could not compile .*broken.c"):
             fused.library()
     finally:
         fused.library.cache_clear()

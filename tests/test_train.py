@@ -176,6 +176,23 @@ def test_exact_is_refused_for_non_mars_optimizers(data_dir, tmp_path):
         run(flags(data_dir, tmp_path, "--optimizer", "adamw", "--exact"))
 
 
+@pytest.mark.parametrize("optimizer", ["mars-adamw", "mars-lion"])
+def test_fast_mars_steps_train_as_the_readable_one(data_dir, tmp_path, optimizer):
+    """--step_impl foreach / fused: the same losses as the readable step (float32 rounding apart)."""
+    common = ["--optimizer", optimizer, "--max-iters", 8, "--log-interval", 1, "--eval-interval", 0]
+    runs = {}
+    for impl in ("readable", "foreach", "fused"):
+        run(flags(data_dir, tmp_path / impl, *common, "--step-impl", impl))
+        runs[impl] = losses(tmp_path / impl)
+    assert runs["readable"].keys() == set(range(1, 9))
+    for impl in ("foreach", "fused"):
+        diff = max(abs(runs["readable"][k] - runs[impl][k]) for k in runs["readable"])
+        print(f"{optimizer} {impl} vs readable, max |Δ train loss| over 8 steps: {diff:.1e}")
+        assert diff < 1e-5, (impl, diff)  # losses ≈ 3–4: a few float32 ulps
+    with pytest.raises(ValueError, match="step_impl is a MARS option"):
+        run(flags(data_dir, tmp_path / "x", "--optimizer", "adamw", "--step-impl", "fused"))
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_trains(data_dir, tmp_path, optimizer):
     summary = run(flags(data_dir, tmp_path, "--optimizer", optimizer, "--max-iters", 4, "--log-interval", 1,

@@ -100,7 +100,6 @@ fig.tight_layout()
 plt.show()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(f"{'mode':>6} {'gamma':>6} {'eta':>4} {'median |c-g| (steps 1-20)':>26} {'diverged':>9}")
 for (mode, gamma, eta), r in corr_runs.items():
     print(f"{mode:>6} {gamma:6.3f} {eta:4.1f} {r.corr[:20].nanmedian().item():26.3g} "
@@ -163,7 +162,6 @@ fig.tight_layout()
 plt.show()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(f"{'setting':>24} {'clip':>7} {'diverged':>9} {'median F':>9} {'max F':>9}   (F: the finite ones)")
 summary = {}
 for (mode, gamma, eta, clip), r in clip_runs.items():

@@ -420,7 +420,6 @@ fig.tight_layout()
 plt.show()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(f"relative Frobenius distances after T = {STEPS} steps")
 print(f"{'matrix':>14} {'full->1-step':>13} {'1-step->NS':>11} {'NS f64->bf16':>13}")
 table = {}
@@ -528,7 +527,6 @@ gap_shampoo = max_gap(lambda p: mars_ref.MARS(p, lr=1e-2, betas=(0.9, 0.99), pre
                       bias=False)
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print("gamma = 0, clip = none, float64, 25 steps: max |x_MARS - x_base| (parameters moved by up to ...)")
 for name, (gap, moved) in {"MARS-AdamW vs torch.optim.AdamW": gap_adamw,
                            "MARS-Lion vs mars_ref.Lion(b1 = b2)": gap_lion,

