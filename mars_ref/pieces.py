@@ -39,8 +39,9 @@ def storm_correction(grad: Tensor, grad_prev: Tensor, gamma: float, beta1: float
     With ``gamma = 0`` this is ``g_t`` and MARS falls back to its base optimizer.
     """
     scale = gamma * beta1 / (1.0 - beta1)
-    #   c_t = g_t + scale · (g_t − g_prev)
-    return torch.add(grad, grad - grad_prev, alpha=scale)
+    #   c_t = g_t + scale · (g_t − g_prev)   (written over the difference: one temporary tensor, not two)
+    diff = grad - grad_prev
+    return torch.add(grad, diff, alpha=scale, out=diff)
 
 
 def storm_estimator(grad: Tensor, grad_prev: Tensor, d_prev: Tensor, a: float) -> Tensor:
@@ -126,9 +127,9 @@ def adamw_direction(m: Tensor, v: Tensor, step: int, beta1: float, beta2: float,
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
     #   denom = (√v_t / √(1−β2^t) + ε) · (1−β1^t)
-    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps).mul_(bias_correction1)
-    #   u_t = m_t / denom
-    return m / denom
+    denom = v.sqrt().div_(math.sqrt(bias_correction2)).add_(eps).mul_(bias_correction1)
+    #   u_t = m_t / denom   (written over denom: one temporary tensor per call, not three)
+    return torch.div(m, denom, out=denom)
 
 
 def lion_direction(m: Tensor) -> Tensor:
