@@ -130,12 +130,12 @@ def _segments(sizes: list[int], limit: int | None) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------- the step
 
 
-def step_group(opt, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> None:
-    """One MARS step for one parameter group, grouped: the same result as ``opt._step_group(group, …)``."""
+def begin_step(opt, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+    """State (as the readable step creates it) and step counts for the tensors with a gradient;
+    returns them split into (MARS path, AdamW fallback). ``x_prev`` is allocated here and filled by
+    the step (the readable step clones ``x`` instead)."""
     from .optimizer import _on_mars_path  # the readable module imports this one lazily
 
-    beta1, _ = group["betas"]
-    exact = group["exact"]
     on_path: list[Tensor] = []
     fallback: list[Tensor] = []
     for p in group["params"]:
@@ -145,9 +145,18 @@ def step_group(opt, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> None:
         if len(state) == 0:
             opt._init_state(p, group)
         state["step"] += 1
-        if exact and "x_prev" not in state:
+        if group["exact"] and "x_prev" not in state:
             state["x_prev"] = torch.empty_like(p, memory_format=torch.preserve_format)
         (on_path if _on_mars_path(p, group) else fallback).append(p)
+    return on_path, fallback
+
+
+def step_group(opt, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> None:
+    """One MARS step for one parameter group, grouped: the same result as ``opt._step_group(group, …)``."""
+
+    beta1, _ = group["betas"]
+    exact = group["exact"]
+    on_path, fallback = begin_step(opt, group)
 
     if fallback:
         _adamw_fallback(opt, group, fallback)

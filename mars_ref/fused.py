@@ -49,6 +49,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .fast import begin_step
+
 SOURCE = Path(__file__).with_name("fused.c")
 #: compiler flags, best first: the first set that compiles is used
 FLAG_SETS = (
@@ -221,23 +223,11 @@ def first_pass(opt, i: int, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> 
 
 def step_group(opt, group: dict, g_prev_exact: dict[Tensor, Tensor], sums: dict[Tensor, float]) -> None:
     """Pass 2 for one parameter group: the same result as ``opt._step_group(group, …)``."""
-    from .optimizer import _on_mars_path
-
     lib, _ = library()
     threads = torch.get_num_threads()
     beta1, beta2 = group["betas"]
     exact = group["exact"]
-    on_path, fallback = [], []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        state = opt.state[p]
-        if len(state) == 0:
-            opt._init_state(p, group)
-        state["step"] += 1
-        if exact and "x_prev" not in state:
-            state["x_prev"] = torch.empty_like(p)
-        (on_path if _on_mars_path(p, group) else fallback).append(p)
+    on_path, fallback = begin_step(opt, group)  # state, step counts, and which tensors take which path
 
     # 2. clip:  c_t ← c_t · min(1, τ/‖c_t‖)   (per tensor, over the group, or not at all)
     tau = group["max_norm"]
