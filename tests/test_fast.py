@@ -199,3 +199,5 @@ def test_benchmark_smoke():
     )
     assert out.returncode == 0, out.stderr
     assert "| MARS-AdamW foreach |" in out.stdout and "× fused AdamW" in out.stdout
+    assert "| MARS-AdamW fused |" in out.stdout and "| memory traffic only: MARS-AdamW's 11 arrays |" in out.stdout
+    assert "MARS-AdamW fused / torch AdamW fused: median" in out.stdout
