@@ -60,15 +60,22 @@ def test_exact_mode_same_as_readable(preconditioner, clip):
     assert all("x_prev" in ob.state[p] and "g_prev" not in ob.state[p] for p in pb)
 
 
-def test_groups_weight_decay_and_missing_grads():
+# the fused path (tests/test_fused.py) keeps state equal to rounding, not to the bit
+PATHS = {"foreach": (dict(foreach=True), {}), "fused": (dict(fused=True), dict(atol=1e-6, rtol=1e-6))}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_groups_weight_decay_and_missing_grads(path):
+    """Both fast paths: three groups with different settings, some steps without a gradient."""
+    flags, state_tol = PATHS[path]
     groups = [
         ([0, 1], dict(lr=2e-2, weight_decay=0.3, clip="global", gamma=0.05)),
         ([2, 3], dict(lr=5e-3, preconditioner="lion", betas=(0.9, 0.98), lr_1d=1e-3)),
         ([4], dict(weight_decay_1d=0.0, betas_1d=(0.8, 0.9), clip="none")),
     ]
-    pa, pb, A, B = _run(dict(lr=1e-2), groups=groups, skip_every=3)
+    pa, pb, A, B = run_side_by_side(dict(lr=1e-2), flags, groups=groups, skip_every=3)
     assert max_diff(pa, pb) <= 1e-6
-    assert_same_state(A, B, pa, pb)
+    assert_same_state(A, B, pa, pb, **state_tol)
     assert A.state[pa[0]]["step"] < 20  # some steps had no gradient for that tensor
 
 
@@ -126,20 +133,27 @@ def test_state_dict_moves_between_paths():
     assert_same_state(A, B, pa, pb)
 
 
-@pytest.mark.parametrize("preconditioner,per_param", [("adamw", 12), ("lion", 8), ("shampoo", 8)])
-def test_state_bytes_per_parameter(preconditioner, per_param):
+@pytest.mark.parametrize("path,preconditioner,per_param", [
+    ("foreach", "adamw", 12), ("foreach", "lion", 8), ("foreach", "shampoo", 8), ("fused", "adamw", 12),
+    ("fused", "lion", 8)])
+def test_state_bytes_per_parameter(path, preconditioner, per_param):
     p = torch.randn(64, 32, requires_grad=True)
-    opt = MARS([p], preconditioner=preconditioner, foreach=True)
+    opt = MARS([p], preconditioner=preconditioner, **PATHS[path][0])
     p.grad = torch.randn_like(p)
     opt.step()
     nbytes = sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t))
     assert nbytes == per_param * p.numel()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_gradient_raises_and_updates_nothing(bad):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("clip", ["tensor", "none"])
+def test_non_finite_gradient_raises_and_updates_nothing(path, bad, clip):
+    """Every group is checked before any is updated: a NaN in the last group leaves the first untouched
+    (the fused path's check is its first pass, which also computes the clipping norm)."""
     pa, pb = make_params(), make_params()
-    A, B = MARS(pa, lr=1e-2), MARS(pb, lr=1e-2, foreach=True)
+    A = MARS([dict(params=pa[:2]), dict(params=pa[2:])], lr=1e-2, clip=clip)
+    B = MARS([dict(params=pb[:2]), dict(params=pb[2:])], lr=1e-2, clip=clip, **PATHS[path][0])
     gen = torch.Generator().manual_seed(2)
     set_grads([pa, pb], 0, gen)
     A.step()
@@ -148,16 +162,17 @@ def test_non_finite_gradient_raises_and_updates_nothing(bad):
     pa[3].grad[2, 5] = bad
     pb[3].grad[2, 5] = bad
     before = [p.detach().clone() for p in pb]
-    state_before = {k: v.clone() if torch.is_tensor(v) else v for k, v in B.state[pb[0]].items()}
+    state_before = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in B.state[p].items()} for p in pb}
     messages = []
     for opt in (A, B):
         with pytest.raises(FloatingPointError) as info:
             opt.step()
         messages.append(str(info.value))
-    assert messages[0] == messages[1] and "parameter 3" in messages[1]
+    assert messages[0] == messages[1] and "parameter group 1, parameter 1" in messages[1]
     assert all(torch.equal(a, b) for a, b in zip(before, pb, strict=True))
-    for k, v in B.state[pb[0]].items():
-        assert torch.equal(v, state_before[k]) if torch.is_tensor(v) else v == state_before[k]
+    for p in pb:
+        for k, v in B.state[p].items():
+            assert torch.equal(v, state_before[p][k]) if torch.is_tensor(v) else v == state_before[p][k]
 
 
 def test_foreach_is_validated():
