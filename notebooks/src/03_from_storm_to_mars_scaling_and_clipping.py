@@ -104,10 +104,19 @@ print(f"{'mode':>6} {'gamma':>6} {'eta':>4} {'median |c-g| (steps 1-20)':>26} {'
 for (mode, gamma, eta), r in corr_runs.items():
     print(f"{mode:>6} {gamma:6.3f} {eta:4.1f} {r.corr[:20].nanmedian().item():26.3g} "
           f"{r.diverged.sum().item():5d}/{SEEDS}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
 n_div = {eta: corr_runs["exact", 1.0, eta].diverged.sum().item() for eta in (0.1, 0.2, 0.4)}
-assert n_div[0.1] == 0 and n_div[0.4] >= SEEDS // 8  # the same gamma diverges only at the longer step
-assert not corr_runs["approx", 0.3, 0.1].diverged.any()  # approx: large noisy corrections, but no loop
-assert corr_runs["approx", 0.3, 0.1].corr[:20].nanmedian() > 3 * corr_runs["exact", 1.0, 0.1].corr[:20].nanmedian()
+early = {mode_gamma: corr_runs[(*mode_gamma, 0.1)].corr[:20].nanmedian() for mode_gamma in (("approx", 0.3),
+                                                                                          ("exact", 1.0))}
+mars_ref.claims.check({
+    "exact, gamma = 1, eta = 0.1: no seed diverges": n_div[0.1] == 0,
+    "exact, gamma = 1, eta = 0.4: at least 1/8 of the seeds diverge": n_div[0.4] >= SEEDS // 8,
+    "approx, gamma = 0.3, eta = 0.1: no seed diverges (large noisy corrections, no loop)":
+        not corr_runs["approx", 0.3, 0.1].diverged.any(),
+    "approx's early corrections are over 3x exact's": early["approx", 0.3] > 3 * early["exact", 1.0],
+})
 
 # %% [markdown]
 # Exact mode with $\gamma = 1$ (STORM) is stable at $\eta = 0.1$, and at $\eta = 0.4$ a large part of the
@@ -169,12 +178,21 @@ for (mode, gamma, eta, clip), r in clip_runs.items():
     summary[mode, gamma, eta, clip] = (r.diverged.sum().item(), final.median().item(), final.max().item())
     n, med, worst = summary[mode, gamma, eta, clip]
     print(f"{f'{mode} gamma={gamma:g} eta={eta:g}':>24} {clip:>7} {n:5d}/{SEEDS} {med:9.4g} {worst:9.3g}")
-for clip in ("tensor", "global"):
-    assert summary["exact", 1.0, 0.4, clip][0] == 0                 # with clipping no seed diverges ...
-    assert summary["exact", 1.0, 0.2, clip][2] < 0.2                 # ... and no seed ends far off
-assert summary["exact", 1.0, 0.4, "none"][0] >= SEEDS // 8         # ... without it many do
-assert summary["exact", 1.0, 0.2, "none"][2] > 2 * summary["exact", 1.0, 0.2, "tensor"][2]  # a wide spread
-assert summary["approx", 0.3, 0.1, "tensor"][1] > 1.5 * summary["approx", 0.3, 0.1, "none"][1]  # the cost
+
+# %%
+# NBVAL_CHECK_OUTPUT
+mars_ref.claims.check({
+    "exact, gamma = 1, eta = 0.4, clipped (tensor, global): no seed diverges":
+        all(summary["exact", 1.0, 0.4, clip][0] == 0 for clip in ("tensor", "global")),
+    "exact, gamma = 1, eta = 0.2, clipped (tensor, global): every seed ends below F = 0.2":
+        all(summary["exact", 1.0, 0.2, clip][2] < 0.2 for clip in ("tensor", "global")),
+    "exact, gamma = 1, eta = 0.4, unclipped: at least 1/8 of the seeds diverge":
+        summary["exact", 1.0, 0.4, "none"][0] >= SEEDS // 8,
+    "exact, gamma = 1, eta = 0.2, unclipped: the worst seed ends over 2x the clipped worst":
+        summary["exact", 1.0, 0.2, "none"][2] > 2 * summary["exact", 1.0, 0.2, "tensor"][2],
+    "approx, gamma = 0.3: clipping costs speed (median F over 1.5x the unclipped)":
+        summary["approx", 0.3, 0.1, "tensor"][1] > 1.5 * summary["approx", 0.3, 0.1, "none"][1],
+})
 
 # %% [markdown]
 # **Reading.** In exact mode at $\gamma = 1$, clipping is what makes the large step usable: without it

@@ -261,8 +261,14 @@ for name in RUNS:
     last = evals(name)[-1]
     print(f"{name:>17} | {best[name]:13.3f} | {last['tokens']:10,} | {last['grad_evals']:>6}")
 print(f"MARS-AdamW minus AdamW: {best['MARS-AdamW'] - best['AdamW']:+.3f}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
 if SCALE == "cpu":
-    assert all(b < 2.7 for b in best.values())  # every optimizer learns, from 4.43 (no better than uniform)
+    mars_ref.claims.check({
+        "every run learns: best validation loss below 2.7 (from 4.43, the uniform guess)":
+            all(b < 2.7 for b in best.values()),
+    })
 
 # %% [markdown]
 # At this scale every optimizer gets from the uniform guess (4.43 nats) to about 2.3–2.5 nats per
@@ -399,13 +405,20 @@ for name in VAR_RUNS + [n for n in RUNS if n not in VAR_RUNS and probes(n)]:
     cos_m[name] = statistics.median(r["cos_err_m"] for r in p)
     print(f"{name:>17} | {c_ratio} | {late_m[name]:23.2f} | {rel_m[name]:18.2f} | {cos_g[name]:8.2f} | "
           f"{cos_m[name]:8.2f}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
 if SCALE == "cpu":
     approx = [n for n in RUNS if n.startswith("MARS") and "exact" not in n]
-    assert all(median_ratio(n, "c") > 1.6 for n in approx)  # approx: c_t noisier than g_t (predicted 2.40)
-    assert 0.7 < median_ratio("MARS-AdamW exact", "c") < 1.4  # exact: about as noisy as g_t
-    assert all(v < 0.75 for v in late_m.values())  # late in training: MSE(m) well below MSE(g) ...
-    assert all(0.75 < v < 1.3 for v in rel_m.values())  # ... but about that of the zero vector ...
-    assert all(cos_m[n] > cos_g[n] + 0.1 for n in cos_m)  # ... and m is less aligned with ∇F than g
+    mars_ref.claims.check({
+        "approx MARS: c_t is over 1.6x noisier than g_t (predicted 2.40)":
+            all(median_ratio(n, "c") > 1.6 for n in approx),
+        "exact MARS: c_t is about as noisy as g_t (0.7-1.4x)": 0.7 < median_ratio("MARS-AdamW exact", "c") < 1.4,
+        "late in training every momentum's MSE is under 0.75x g_t's ...": all(v < 0.75 for v in late_m.values()),
+        "... but about the zero vector's (0.75-1.3x) ...": all(0.75 < v < 1.3 for v in rel_m.values()),
+        "... and m is less aligned with the full gradient than g (1-cos larger by over 0.1)":
+            all(cos_m[n] > cos_g[n] + 0.1 for n in cos_m),
+    })
 
 # %% [markdown]
 # **Reading.** The measured noise ratio of approximate MARS's $c_t$ sits close to the predicted
