@@ -24,6 +24,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+
+def _scratch(temporary: Tensor, *inputs: Tensor) -> Tensor | None:
+    """``temporary`` as the ``out=`` of the next operation, or ``None`` (a fresh tensor) while autograd
+    records through any of these tensors: the optimizer steps under ``no_grad`` and saves a full-size
+    allocation per call; a differentiable call stays differentiable (torch refuses ``out=`` there)."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (temporary, *inputs))
+    return None if recording else temporary
+
 # ---------------------------------------------------------------------------
 # 1. Correction (STORM, scaled)
 # ---------------------------------------------------------------------------
@@ -39,9 +47,9 @@ def storm_correction(grad: Tensor, grad_prev: Tensor, gamma: float, beta1: float
     With ``gamma = 0`` this is ``g_t`` and MARS falls back to its base optimizer.
     """
     scale = gamma * beta1 / (1.0 - beta1)
-    #   c_t = g_t + scale · (g_t − g_prev)   (written over the difference: one temporary tensor, not two)
+    #   c_t = g_t + scale · (g_t − g_prev)   (written over the difference when it can be: see _scratch)
     diff = grad - grad_prev
-    return torch.add(grad, diff, alpha=scale, out=diff)
+    return torch.add(grad, diff, alpha=scale, out=_scratch(diff))
 
 
 def storm_estimator(grad: Tensor, grad_prev: Tensor, d_prev: Tensor, a: float) -> Tensor:
@@ -126,10 +134,11 @@ def adamw_direction(m: Tensor, v: Tensor, step: int, beta1: float, beta2: float,
     """
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
-    #   denom = (√v_t / √(1−β2^t) + ε) · (1−β1^t)
-    denom = v.sqrt().div_(math.sqrt(bias_correction2)).add_(eps).mul_(bias_correction1)
-    #   u_t = m_t / denom   (written over denom: one temporary tensor per call, not three)
-    return torch.div(m, denom, out=denom)
+    #   denom = (√v_t / √(1−β2^t) + ε) · (1−β1^t)   (the scaling written over √v_t when it can be: see _scratch)
+    root = v.sqrt()
+    denom = torch.div(root, math.sqrt(bias_correction2), out=_scratch(root, v)).add_(eps).mul_(bias_correction1)
+    #   u_t = m_t / denom   (written over denom when it can be: see _scratch)
+    return torch.div(m, denom, out=_scratch(denom, m))
 
 
 def lion_direction(m: Tensor) -> Tensor:

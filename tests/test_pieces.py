@@ -240,6 +240,26 @@ def test_elementwise_pieces_against_formulas():
     assert torch.allclose(x_new, x - lr * (wd * x + u), rtol=0, atol=1e-15)
 
 
+def test_correction_and_adamw_direction_stay_differentiable():
+    """They write over their own temporaries only where autograd is not recording (the optimizer's no_grad
+    step): with inputs that require grad they must still give the closed-form derivatives."""
+    g = _gen(10)
+    gt, gp, m = (torch.randn(4, 5, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
+    v = torch.rand(4, 5, generator=g, dtype=F64).requires_grad_()
+    gamma, b1, b2, eps, t = 0.3, 0.9, 0.99, 1e-8, 3
+    k = gamma * b1 / (1 - b1)
+    pieces.storm_correction(gt, gp, gamma, b1).sum().backward()
+    assert torch.allclose(gt.grad, torch.full_like(gt, 1 + k)) and torch.allclose(gp.grad, torch.full_like(gp, -k))
+    pieces.adamw_direction(m, v, t, b1, b2, eps).sum().backward()
+    sqrt_b2, b1t = math.sqrt(1 - b2**t), 1 - b1**t
+    denom = (v.detach().sqrt() / sqrt_b2 + eps) * b1t
+    assert torch.allclose(m.grad, 1 / denom, rtol=1e-12, atol=0)
+    expected_v = -m.detach() / denom**2 * b1t / (2 * v.detach().sqrt() * sqrt_b2)
+    assert torch.allclose(v.grad, expected_v, rtol=1e-12, atol=0)
+    with torch.no_grad():  # and under no_grad (the optimizer), requires_grad inputs are fine too
+        assert torch.allclose(pieces.storm_correction(gt, gp, gamma, b1), gt + k * (gt - gp), rtol=0, atol=1e-14)
+
+
 def test_clipping():
     c = torch.tensor([3.0, 4.0], dtype=F64)  # norm 5
     assert torch.allclose(pieces.clip_by_norm(c), c / 5)
