@@ -35,7 +35,7 @@ import math
 import torch
 from torch import Tensor
 
-from .pieces import newton_schulz, shampoo_scale
+from .pieces import correction_scale, fallback_lr, newton_schulz, shampoo_scale
 
 #: CPU: elements per wave (about 2 MB per state array: the chain of kernels on one wave stays in cache).
 WAVE_ELEMENTS = 1 << 19
@@ -169,7 +169,7 @@ def step_group(opt, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> None:
     else:
         g_prevs = [opt.state[p]["g_prev"] for p in on_path]
     # 1. correction  c_t = g_t + s·(g_t − g_prev),  s = γ·β1/(1−β1)
-    weight = group["gamma"] * beta1 / (1.0 - beta1)
+    weight = correction_scale(group["gamma"], beta1)
 
     sizes = [p.numel() for p in on_path]
     cpu = on_path[0].device.type == "cpu"
@@ -303,8 +303,7 @@ def _decoupled_step(p, u, lr, wd) -> None:
 def _adamw_fallback(opt, group: dict, ps: list[Tensor]) -> None:
     """Plain AdamW on the raw g_t for tensors off the MARS path (betas_1d, weight_decay_1d, lr·lr_1d/base_lr)."""
     beta1, beta2 = group["betas_1d"]
-    ratio = group["lr_1d"] / group["base_lr"] if group["base_lr"] > 0 else 1.0
-    lr, wd, eps = group["lr"] * ratio, group["weight_decay_1d"], group["eps"]
+    lr, wd, eps = fallback_lr(group["lr"], group["lr_1d"], group["base_lr"]), group["weight_decay_1d"], group["eps"]
     states = [opt.state[p] for p in ps]
     G, M, V = [p.grad for p in ps], [s["m"] for s in states], [s["v"] for s in states]
     X = [s["x_prev"] for s in states] if group["exact"] else None

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .fast import begin_step
+from .pieces import correction_scale, fallback_lr
 
 SOURCE = Path(__file__).with_name("fused.c")
 #: compiler flags, best first: the first set that compiles is used
@@ -174,11 +175,6 @@ def _check_tensors(i: int, j: int, p: Tensor, tensors: list[Tensor | None]) -> N
 # ---------------------------------------------------------------------------------------- the step
 
 
-def _correction_scale(group: dict) -> float:
-    beta1 = group["betas"][0]
-    return group["gamma"] * beta1 / (1.0 - beta1)
-
-
 def _previous_gradient(opt, p: Tensor, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> Tensor | None:
     """g_prev of the correction: ∇f(x_{t−1}, ξ_t) (exact) or g_{t−1} (approx); None means zero."""
     if group["exact"]:
@@ -197,7 +193,7 @@ def first_pass(opt, i: int, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> 
 
     lib, _ = library()
     threads = torch.get_num_threads()
-    s = _correction_scale(group)
+    s = correction_scale(group["gamma"], group["betas"][0])
     sums: dict[Tensor, float] = {}
     for j, p in enumerate(group["params"]):
         if p.grad is None:
@@ -235,11 +231,12 @@ def step_group(opt, group: dict, g_prev_exact: dict[Tensor, Tensor], sums: dict[
         norm = math.sqrt(sum(sums[p] for p in on_path))
         clips = {p: tau / norm if norm > tau else 1.0 for p in on_path}
     elif group["clip"] == "tensor":
-        clips = {p: tau / math.sqrt(sums[p]) if math.sqrt(sums[p]) > tau else 1.0 for p in on_path}
+        norms = {p: math.sqrt(sums[p]) for p in on_path}
+        clips = {p: tau / norms[p] if norms[p] > tau else 1.0 for p in on_path}
     else:
         clips = {p: 1.0 for p in on_path}
 
-    s = _correction_scale(group)
+    s = correction_scale(group["gamma"], group["betas"][0])
     for p in on_path:
         state = opt.state[p]
         t = state["step"]
@@ -257,11 +254,11 @@ def step_group(opt, group: dict, g_prev_exact: dict[Tensor, Tensor], sums: dict[
 
     # the AdamW fallback on the raw g_t: the same loop with s = 0, no clipping, no g_prev
     b1, b2 = group["betas_1d"]
-    ratio = group["lr_1d"] / group["base_lr"] if group["base_lr"] > 0 else 1.0
+    lr_1d = fallback_lr(group["lr"], group["lr_1d"], group["base_lr"])
     for p in fallback:
         state = opt.state[p]
         t = state["step"]
         x_prev = state["x_prev"] if exact else None
         lib.mars_adamw(_ptr(p), _ptr(p.grad), None, _ptr(x_prev), _ptr(state["m"]), _ptr(state["v"]), p.numel(),
-                       0, 0.0, 1.0, b1, b2, group["lr"] * ratio, group["weight_decay_1d"], group["eps"],
+                       0, 0.0, 1.0, b1, b2, lr_1d, group["weight_decay_1d"], group["eps"],
                        1.0 - b1**t, math.sqrt(1.0 - b2**t), threads)

@@ -53,6 +53,7 @@ from .pieces import (
     clip_by_global_norm,
     clip_by_norm,
     decoupled_step_,
+    fallback_lr,
     lion_direction,
     momentum_,
     newton_schulz,
@@ -232,13 +233,13 @@ class MARS(torch.optim.Optimizer):
         """The authors' plain AdamW on the raw gradient for tensors off the MARS path."""
         state = self.state[p]
         beta1, beta2 = group["betas_1d"]
-        ratio = group["lr_1d"] / group["base_lr"] if group["base_lr"] > 0 else 1.0
         #   m_t = β1·m + (1−β1)·g_t ;  v_t = β2·v + (1−β2)·g_t²
         m = momentum_(state["m"], p.grad, beta1)
         v = second_moment_(state["v"], p.grad, beta2)
         u = adamw_direction(m, v, state["step"], beta1, beta2, group["eps"])
         #   x_{t+1} = x_t − η·lr_1d/base_lr·(λ_1d·x_t + u_t)
-        decoupled_step_(p, u, group["lr"] * ratio, group["weight_decay_1d"])
+        lr = fallback_lr(group["lr"], group["lr_1d"], group["base_lr"])
+        decoupled_step_(p, u, lr, group["weight_decay_1d"])
 
     def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]

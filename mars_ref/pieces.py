@@ -46,10 +46,15 @@ def storm_correction(grad: Tensor, grad_prev: Tensor, gamma: float, beta1: float
     or ``g_{t-1}`` (approx MARS, the previous step's own gradient); zero at step 1.
     With ``gamma = 0`` this is ``g_t`` and MARS falls back to its base optimizer.
     """
-    scale = gamma * beta1 / (1.0 - beta1)
+    scale = correction_scale(gamma, beta1)
     #   c_t = g_t + scale · (g_t − g_prev)   (written over the difference when it can be: see _scratch)
     diff = grad - grad_prev
     return torch.add(grad, diff, alpha=scale, out=_scratch(diff))
+
+
+def correction_scale(gamma: float, beta1: float) -> float:
+    r"""The weight of ``g_t − g_prev`` in the correction:  .. math:: k = γ β_1 / (1 − β_1)"""
+    return gamma * beta1 / (1.0 - beta1)
 
 
 def storm_estimator(grad: Tensor, grad_prev: Tensor, d_prev: Tensor, a: float) -> Tensor:
@@ -233,6 +238,15 @@ def shampoo_scale(shape: Sequence[int]) -> float:
     r"""The authors' shape factor for the orthogonalised update: ``sqrt(max(1, rows/cols))``."""
     rows, cols = shape
     return max(1.0, rows / cols) ** 0.5
+
+
+def fallback_lr(lr: float, lr_1d: float, base_lr: float) -> float:
+    r"""The learning rate of the AdamW fallback (tensors off the MARS path):  .. math:: η · lr_{1d} / base\_lr
+
+    ``base_lr`` is the group's ``lr`` at construction, so a scheduler that scales ``lr`` scales the
+    fallback with it (the authors' rule); ``base_lr = 0`` gives ``lr``.
+    """
+    return lr * (lr_1d / base_lr) if base_lr > 0 else lr
 
 
 # ---------------------------------------------------------------------------
