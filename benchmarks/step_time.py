@@ -102,7 +102,6 @@ TARGETS = [
 ]
 
 
-
 class Traffic:
     """A pseudo-optimizer whose ``step`` moves an optimizer's arrays through memory and does nothing else."""
 
