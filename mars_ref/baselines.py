@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .pieces import adamw_direction, decoupled_step_, momentum_, newton_schulz, second_moment_
+from .chain import adamw_update, fallback_lr
+from .pieces import decoupled_step, momentum, newton_schulz
 
 
 class Lion(torch.optim.Optimizer):
@@ -55,9 +56,9 @@ class Lion(torch.optim.Optimizer):
                 #   u_t = sign(β1·m_{t−1} + (1−β1)·g_t)
                 u = torch.sign(torch.lerp(p.grad, m, beta1))
                 #   m_t = β2·m_{t−1} + (1−β2)·g_t
-                momentum_(m, p.grad, beta2)
+                m.copy_(momentum(m, p.grad, beta2))
                 #   x_{t+1} = x_t − η·(λ·x_t + u_t)
-                decoupled_step_(p, u, group["lr"], group["weight_decay"])
+                p.copy_(decoupled_step(p, u, group["lr"], group["weight_decay"]))
         return loss
 
 
@@ -108,7 +109,8 @@ class Muon(torch.optim.Optimizer):
                     if len(state) == 0:
                         state["momentum_buffer"] = torch.zeros_like(p)
                     #   b_t = μ·b_{t−1} + (1−μ)·g_t
-                    b = momentum_(state["momentum_buffer"], g, mu)
+                    b = state["momentum_buffer"]
+                    b.copy_(momentum(b, g, mu))
                     #   M_t = (1−μ)·g_t + μ·b_t  (Nesterov)   or   M_t = b_t
                     M = torch.lerp(g, b, mu) if group["nesterov"] else b
                     u = newton_schulz(M, group["ns_steps"], group["eps"], group["ns_dtype"])
@@ -119,10 +121,8 @@ class Muon(torch.optim.Optimizer):
                     if len(state) == 0:
                         state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
                     state["step"] += 1
-                    beta1, beta2 = group["betas_1d"]
-                    m = momentum_(state["m"], g, beta1)
-                    v = second_moment_(state["v"], g, beta2)
-                    u = adamw_direction(m, v, state["step"], beta1, beta2, group["eps_1d"])
-                    ratio = group["lr_1d"] / group["base_lr"] if group["base_lr"] > 0 else 1.0
-                    decoupled_step_(p, u, group["lr"] * ratio, group["weight_decay_1d"])
+                    #   the AdamW fallback, as MARS's (mars_ref.chain): lr · lr_1d / base_lr
+                    lr = fallback_lr(group["lr"], group["lr_1d"], group["base_lr"])
+                    adamw_update(p, g, state["m"], state["v"], state["step"], lr, *group["betas_1d"],
+                                 group["eps_1d"], group["weight_decay_1d"])
         return loss

@@ -16,8 +16,9 @@
  * and writes x, m, v, g_prev) where fused AdamW moves 7.
  *
  * Conventions: g_prev == NULL means g_prev = 0 (exact mode's first step, and the AdamW fallback
- * with s = 0, where c = g). store_g: write g into g_prev (approx mode). x_prev != NULL: write the
- * pre-step x there (exact mode). Sums: float within blocks of BLOCK elements, the blocks added in
+ * with s = 0, where c = g). x_prev != NULL (exact mode): write the pre-step x there. Otherwise a
+ * g_prev (approx mode) is overwritten with g for the next step. The three cases are the only ones
+ * mars_ref/fused.py calls. Sums: float within blocks of BLOCK elements, the blocks added in
  * double in index order, so the result does not depend on the number of threads.
  */
 #include <math.h>
@@ -76,7 +77,7 @@ double mars_sumsq(const float *restrict g, const float *restrict g_prev, float s
     }
 
 void mars_adamw(float *restrict x, const float *restrict g, float *restrict g_prev, float *restrict x_prev,
-                float *restrict m, float *restrict v, int64_t n, int store_g,
+                float *restrict m, float *restrict v, int64_t n,
                 float s, float clip, float beta1, float beta2, float lr, float weight_decay, float eps,
                 float bc1, float sqrt_bc2, int threads)
 {
@@ -86,16 +87,12 @@ void mars_adamw(float *restrict x, const float *restrict g, float *restrict g_pr
             x_prev[i] = x[i];
             ADAMW_ELEMENT(g_prev ? g_prev[i] : 0.0f)
         }
-    } else if (g_prev && store_g) { /* approx: g_prev ← g_t for the next step */
+    } else if (g_prev) { /* approx: g_prev ← g_t for the next step */
         #pragma omp parallel for simd schedule(static) num_threads(threads)
         for (int64_t i = 0; i < n; i++) {
             ADAMW_ELEMENT(g_prev[i])
             g_prev[i] = g[i];
         }
-    } else if (g_prev) {
-        #pragma omp parallel for simd schedule(static) num_threads(threads)
-        for (int64_t i = 0; i < n; i++)
-            ADAMW_ELEMENT(g_prev[i])
     } else {
         #pragma omp parallel for simd schedule(static) num_threads(threads)
         for (int64_t i = 0; i < n; i++)
@@ -115,7 +112,7 @@ void mars_adamw(float *restrict x, const float *restrict g, float *restrict g_pr
     }
 
 void mars_lion(float *restrict x, const float *restrict g, float *restrict g_prev, float *restrict x_prev,
-               float *restrict m, int64_t n, int store_g,
+               float *restrict m, int64_t n,
                float s, float clip, float beta1, float lr, float weight_decay, int threads)
 {
     if (x_prev) {
@@ -124,16 +121,12 @@ void mars_lion(float *restrict x, const float *restrict g, float *restrict g_pre
             x_prev[i] = x[i];
             LION_ELEMENT(g_prev ? g_prev[i] : 0.0f)
         }
-    } else if (g_prev && store_g) {
+    } else if (g_prev) {
         #pragma omp parallel for simd schedule(static) num_threads(threads)
         for (int64_t i = 0; i < n; i++) {
             LION_ELEMENT(g_prev[i])
             g_prev[i] = g[i];
         }
-    } else if (g_prev) {
-        #pragma omp parallel for simd schedule(static) num_threads(threads)
-        for (int64_t i = 0; i < n; i++)
-            LION_ELEMENT(g_prev[i])
     } else {
         #pragma omp parallel for simd schedule(static) num_threads(threads)
         for (int64_t i = 0; i < n; i++)

@@ -1,7 +1,7 @@
 r"""The fused MARS step on CPU: ``MARS(..., fused=True)``, one C loop per tensor and pass.
 
-The readable step (:meth:`mars_ref.optimizer.MARS._step_group`) and the foreach step
-(:mod:`mars_ref.fast`) run the chain
+The readable step (:mod:`mars_ref.readable`) and the foreach step (:mod:`mars_ref.foreach`) run
+the chain
 
     correction → clip → momentum → precondition → decay + step
 
@@ -12,9 +12,9 @@ registers, in two passes per tensor:
     pass 1   S = Σ c²,  c = g + s·(g − g_prev)       the clipping norm √S (and the finite check)
     pass 2   c·clip → m → v → u → x, and g_prev ← g  (approx) or x_prev ← x (exact)
 
-Pass 1 of *every* tensor of every fused group runs before pass 2 of any (:func:`first_pass`, called
-by ``MARS.step`` with the other checks): a NaN or inf gradient makes its ``S`` non-finite, and the
-step stops before anything is changed, naming the tensor, exactly as the readable path does.
+These are the two functions every implementation has, with one signature: :func:`correction_norms`
+(pass 1, which the optimizer runs for every group before any pass 2: a NaN or inf gradient makes its
+``S`` non-finite and the step stops before anything is changed, naming the tensor) and :func:`step`.
 
 The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``) with
 ``-O3 -march=native -fopenmp`` and cached in ``$MARS_REF_CACHE/kernels`` (default
@@ -49,8 +49,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .fast import begin_step
-from .pieces import correction_scale, fallback_lr
+from .chain import Settings, Tensors
+from .pieces import correction_scale
 
 SOURCE = Path(__file__).with_name("fused.c")
 #: compiler flags, best first: the first set that compiles is used
@@ -59,7 +59,7 @@ FLAG_SETS = (
     ["-O3", "-fno-math-errno", "-fopenmp"],
     ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas"],
 )
-PRECONDITIONERS = ("adamw", "lion")
+PRECONDITIONERS = ("adamw", "lion")  # and the AdamW fallback
 
 
 # ---------------------------------------------------------------------------------------- building
@@ -134,9 +134,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, F, I64, INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
     lib.mars_sumsq.argtypes = [P, P, F, I64, INT]
     lib.mars_sumsq.restype = ctypes.c_double
-    lib.mars_adamw.argtypes = [P, P, P, P, P, P, I64, INT] + [F] * 9 + [INT]
+    lib.mars_adamw.argtypes = [P, P, P, P, P, P, I64] + [F] * 9 + [INT]
     lib.mars_adamw.restype = None
-    lib.mars_lion.argtypes = [P, P, P, P, P, I64, INT] + [F] * 5 + [INT]
+    lib.mars_lion.argtypes = [P, P, P, P, P, I64] + [F] * 5 + [INT]
     lib.mars_lion.restype = None
 
 
@@ -147,118 +147,68 @@ def _ptr(t: Tensor | None):
 # ---------------------------------------------------------------------------------------- checks
 
 
-def check_group(group: dict, where: str) -> None:
-    """Hyperparameters the fused path cannot take (called when a group is added)."""
-    if not group["fused"]:
-        return
-    if group["foreach"]:
-        raise ValueError(f"MARS: fused=True and foreach=True{where}: choose one (as torch.optim.AdamW)")
-    if group["preconditioner"] not in PRECONDITIONERS:
+def check_settings(preconditioner: str, where: str) -> None:
+    """Refuse what the C step does not compute (called when a fused group is added)."""
+    if preconditioner not in PRECONDITIONERS:
         raise ValueError(
-            f"MARS: fused=True{where} takes preconditioner 'adamw' or 'lion', not {group['preconditioner']!r}: "
+            f"MARS: fused=True{where} takes preconditioner 'adamw' or 'lion', not {preconditioner!r}: "
             "MARS-Shampoo's step is Newton–Schulz matrix products; use foreach=True."
         )
 
 
-def _check_tensors(i: int, j: int, p: Tensor, tensors: list[Tensor | None]) -> None:
-    for t in [p, *tensors]:
-        if t is None:
-            continue
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            raise RuntimeError(
-                f"MARS(fused=True) runs a CPU float32 kernel on contiguous tensors (mars_ref/fused.c); parameter "
-                f"group {i}, parameter {j} (shape {tuple(p.shape)}) has a {t.device.type} {t.dtype} tensor"
-                f"{'' if t.is_contiguous() else ' that is not contiguous'}: use foreach=True."
-            )
+def check_tensors(t: Tensors, where: str) -> None:
+    """Refuse tensors the C loops cannot read: every parameter, gradient and state tensor must be a
+    contiguous float32 CPU tensor of its parameter's size (the kernel trusts ``numel``)."""
+    for i, p in enumerate(t.params):
+        for key, x in (("parameter", p), ("gradient", t.grads[i]), ("g_prev", t.prev_grads[i]),
+                       ("m", t.exp_avgs[i]), ("v", t.exp_avg_sqs[i]), ("x_prev", t.prev_params[i])):
+            if x is None:
+                continue
+            if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or x.shape != p.shape:
+                raise RuntimeError(
+                    f"MARS(fused=True) runs a CPU float32 kernel on contiguous tensors (mars_ref/fused.c); "
+                    f"{t.names[i]}{where} (shape {tuple(p.shape)}) has a {key} that is a {x.device.type} {x.dtype} "
+                    f"tensor of shape {tuple(x.shape)}{'' if x.is_contiguous() else ', not contiguous'}: "
+                    "use foreach=True."
+                )
 
 
 # ---------------------------------------------------------------------------------------- the step
 
 
-def _previous_gradient(opt, p: Tensor, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> Tensor | None:
-    """g_prev of the correction: ∇f(x_{t−1}, ξ_t) (exact) or g_{t−1} (approx); None means zero."""
-    if group["exact"]:
-        return g_prev_exact.get(p)
-    return opt.state[p].get("g_prev")  # no state yet: the first step, g_prev = 0
-
-
-def first_pass(opt, i: int, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> dict[Tensor, float]:
-    """Pass 1 of every tensor of a fused group: ``S = Σ c²`` (``Σ g²`` off the MARS path).
-
-    Called by ``MARS.step`` before any group is updated. A non-finite ``S`` means a NaN/inf gradient
-    (or, rarely, a float32 overflow of the sum): the readable path's per-tensor check then names the
-    tensor and raises; if it finds nothing, ``S`` is recomputed in float64.
-    """
-    from .optimizer import _on_mars_path
-
+def correction_norms(t: Tensors, s: Settings) -> list[Tensor]:
+    """Pass 1 (``mars_sumsq``): ``‖c_t‖`` of each tensor on the MARS path, ``‖g_t‖`` of each fallback tensor,
+    as float64 0-d tensors (the C loop sums in float within blocks and in double across them)."""
     lib, _ = library()
     threads = torch.get_num_threads()
-    s = correction_scale(group["gamma"], group["betas"][0])
-    sums: dict[Tensor, float] = {}
-    for j, p in enumerate(group["params"]):
-        if p.grad is None:
-            continue
-        state = opt.state[p]
-        if _on_mars_path(p, group) and group["clip"] != "none":
-            gp, scale = _previous_gradient(opt, p, group, g_prev_exact), s
-        else:  # no norm needed: Σ g² is the finite check (g_prev was checked when it was a gradient)
-            gp, scale = None, 0.0
-        if p.grad.is_sparse:
-            opt._check_group_gradients(i, group, None, "")  # raises the readable path's error
-        _check_tensors(i, j, p, [p.grad, gp, state.get("m"), state.get("v"), state.get("x_prev")])
-        total = lib.mars_sumsq(_ptr(p.grad), _ptr(gp), scale, p.numel(), threads)
-        if not math.isfinite(total):
-            opt._check_group_gradients(i, group, None, "")
-            opt._check_group_gradients(i, group, g_prev_exact, " at the previous point (exact mode)")
-            g = p.grad.double()
-            c = g + scale * (g - (0.0 if gp is None else gp.double()))
-            total = float(torch.linalg.vector_norm(c) ** 2)
-        sums[p] = total
-    return sums
+    scale = correction_scale(s.gamma, s.beta1)
+    norms = []
+    for g, gp, branch in zip(t.grads, t.prev_grads, t.branches, strict=True):
+        # Σ c², c = g + k·(g − g_prev): g_prev = NULL is zero; the fallback has no correction (k = 0)
+        k = 0.0 if branch == "fallback" else scale
+        total = lib.mars_sumsq(_ptr(g), _ptr(None if branch == "fallback" else gp), k, g.numel(), threads)
+        norms.append(torch.tensor(math.sqrt(total) if total >= 0 else math.nan, dtype=torch.float64))
+    return norms
 
 
-def step_group(opt, group: dict, g_prev_exact: dict[Tensor, Tensor], sums: dict[Tensor, float]) -> None:
-    """Pass 2 for one parameter group: the same result as ``opt._step_group(group, …)``."""
+def step(t: Tensors, s: Settings, clip: list[Tensor]) -> None:
+    """Pass 2 (``mars_adamw`` / ``mars_lion``): correction, clip, m_t (and v_t), u_t, x_{t+1}, then
+    g_prev ← g_t (approx) or x_prev ← x_t (exact), one loop per tensor."""
     lib, _ = library()
     threads = torch.get_num_threads()
-    beta1, beta2 = group["betas"]
-    exact = group["exact"]
-    on_path, fallback = begin_step(opt, group)  # state, step counts, and which tensors take which path
-
-    # 2. clip:  c_t ← c_t · min(1, τ/‖c_t‖)   (per tensor, over the group, or not at all)
-    tau = group["max_norm"]
-    if group["clip"] == "global":
-        norm = math.sqrt(sum(sums[p] for p in on_path))
-        clips = {p: tau / norm if norm > tau else 1.0 for p in on_path}
-    elif group["clip"] == "tensor":
-        norms = {p: math.sqrt(sums[p]) for p in on_path}
-        clips = {p: tau / norms[p] if norms[p] > tau else 1.0 for p in on_path}
-    else:
-        clips = {p: 1.0 for p in on_path}
-
-    s = correction_scale(group["gamma"], group["betas"][0])
-    for p in on_path:
-        state = opt.state[p]
-        t = state["step"]
-        gp = _previous_gradient(opt, p, group, g_prev_exact)
-        x_prev = state["x_prev"] if exact else None
-        store_g = 0 if exact else 1
-        # 1–5 in one loop: c_t, clip, m_t (and v_t), u_t, x_{t+1}; then g_prev ← g_t or x_prev ← x_t
-        if group["preconditioner"] == "lion":
-            lib.mars_lion(_ptr(p), _ptr(p.grad), _ptr(gp), _ptr(x_prev), _ptr(state["m"]), p.numel(), store_g,
-                          s, clips[p], beta1, group["lr"], group["weight_decay"], threads)
-        else:
-            lib.mars_adamw(_ptr(p), _ptr(p.grad), _ptr(gp), _ptr(x_prev), _ptr(state["m"]), _ptr(state["v"]),
-                           p.numel(), store_g, s, clips[p], beta1, beta2, group["lr"], group["weight_decay"],
-                           group["eps"], 1.0 - beta1**t, math.sqrt(1.0 - beta2**t), threads)
-
-    # the AdamW fallback on the raw g_t: the same loop with s = 0, no clipping, no g_prev
-    b1, b2 = group["betas_1d"]
-    lr_1d = fallback_lr(group["lr"], group["lr_1d"], group["base_lr"])
-    for p in fallback:
-        state = opt.state[p]
-        t = state["step"]
-        x_prev = state["x_prev"] if exact else None
-        lib.mars_adamw(_ptr(p), _ptr(p.grad), None, _ptr(x_prev), _ptr(state["m"]), _ptr(state["v"]), p.numel(),
-                       0, 0.0, 1.0, b1, b2, lr_1d, group["weight_decay_1d"], group["eps"],
-                       1.0 - b1**t, math.sqrt(1.0 - b2**t), threads)
+    scale = correction_scale(s.gamma, s.beta1)
+    for i, x in enumerate(t.params):
+        g, gp, m, v, x_prev, n = t.grads[i], t.prev_grads[i], t.exp_avgs[i], t.exp_avg_sqs[i], t.prev_params[i], \
+            x.numel()
+        bc1, sqrt_bc2 = 1.0 - s.beta1 ** t.steps[i], math.sqrt(1.0 - s.beta2 ** t.steps[i])
+        if t.branches[i] == "lion":
+            lib.mars_lion(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), n, scale, clip[i].item(),
+                          s.beta1, s.lr, s.weight_decay, threads)
+        elif t.branches[i] == "adamw":
+            lib.mars_adamw(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), _ptr(v), n, scale,
+                           clip[i].item(), s.beta1, s.beta2, s.lr, s.weight_decay, s.eps, bc1, sqrt_bc2, threads)
+        else:  # the AdamW fallback on the raw g_t: the same loop with k = 0, no clip, no g_prev
+            b1, b2 = s.beta1_1d, s.beta2_1d
+            lib.mars_adamw(_ptr(x), _ptr(g), None, _ptr(x_prev), _ptr(m), _ptr(v), n, 0.0, 1.0, b1, b2, s.lr_1d,
+                           s.weight_decay_1d, s.eps, 1.0 - b1 ** t.steps[i], math.sqrt(1.0 - b2 ** t.steps[i]),
+                           threads)

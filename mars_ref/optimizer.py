@@ -26,44 +26,35 @@ take plain AdamW on the raw ``g_t`` with ``betas_1d``, ``weight_decay_1d`` and t
 learning rate ``lr · lr_1d / base_lr``, where ``base_lr`` is the group's ``lr`` at
 construction, so any scheduler that scales ``lr`` scales them too (the authors' rule).
 
-Every hyperparameter is read per parameter group. Choices where the authors' code and
-docs are silent, made here and tested:
+Every hyperparameter is read per parameter group (and checked again at every step, so a group
+edited after construction is checked too). Choices where the authors' code and docs are silent,
+made here and tested (``docs/algorithm.md`` §9):
 
 * ``clip="global"`` clips by the norm over the MARS-path tensors *of one group*.
 * A non-finite gradient raises ``FloatingPointError`` naming the parameter, before any
   state or parameter is touched, so the step can be skipped (``torch.amp.GradScaler``
   already skips such steps before calling ``step``).
 
-The same step is computed three ways, chosen per group, with the same state (checkpoints move
-between them): the readable loop of ``_step_group`` below, the teaching text; ``foreach=True``
-(:mod:`mars_ref.fast`, grouped ``torch._foreach_*`` kernels, any device and dtype); ``fused=True``
-(:mod:`mars_ref.fused` and ``fused.c``, one C loop per tensor and pass, float32 on CPU).
+This class does what ``torch.optim.AdamW`` does around its functional step: it validates the
+hyperparameters, keeps the state, gathers each group's flat lists (:class:`mars_ref.chain.Tensors`)
+and hands them to :mod:`mars_ref.functional`, which runs one implementation per group, chosen
+by the flags: the readable loop of :mod:`mars_ref.readable` (the teaching text, the default),
+``foreach=True`` (:mod:`mars_ref.foreach`, grouped ``torch._foreach_*`` kernels, any device and
+dtype) or ``fused=True`` (:mod:`mars_ref.fused` and ``fused.c``, one C loop per tensor and pass,
+float32 on CPU). The three compute the same step with the same state, so checkpoints move
+between them. Every check that can refuse a step (sparse or non-finite gradients, state that does
+not fit its parameter) runs for every group before any tensor changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import fast, fused
-from .pieces import (
-    adamw_direction,
-    clip_by_global_norm,
-    clip_by_norm,
-    decoupled_step_,
-    fallback_lr,
-    lion_direction,
-    momentum_,
-    newton_schulz,
-    second_moment_,
-    shampoo_scale,
-    storm_correction,
-)
-
-PRECONDITIONERS = ("adamw", "lion", "shampoo")
-CLIP_MODES = ("tensor", "global", "none")
+from . import chain, functional, fused
 
 
 class MARS(torch.optim.Optimizer):
@@ -84,8 +75,8 @@ class MARS(torch.optim.Optimizer):
         optimize_1d: send every tensor down the MARS path, not only 2-D ones.
         lr_1d, betas_1d, weight_decay_1d: the AdamW fallback for tensors off the MARS path.
         ns_steps, ns_dtype: Newton–Schulz iterations and compute dtype (``None`` = parameter dtype).
-        foreach: take the fast step of :mod:`mars_ref.fast` (grouped ``torch._foreach_*`` kernels, same
-            math and state, equal up to float rounding) instead of the readable per-tensor loop below.
+        foreach: take the foreach step of :mod:`mars_ref.foreach` (grouped ``torch._foreach_*`` kernels, same
+            math and state, equal up to float rounding) instead of the readable one of :mod:`mars_ref.readable`.
         fused: take the fused CPU step of :mod:`mars_ref.fused` (one C loop per tensor and pass, compiled
             once per machine; MARS-AdamW and MARS-Lion, float32 CPU tensors), same math and state.
     """
@@ -125,23 +116,25 @@ class MARS(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f" (parameter group {len(self.param_groups) - 1})"
-        _check_hyperparameters(group, where=where)
+        try:
+            _check_hyperparameters(group, where=where)
+            if group["exact"] != self.param_groups[0]["exact"]:
+                raise ValueError(_exact_message(group["exact"], where))
+        except ValueError:
+            self.param_groups.pop()  # a refused group is not kept (nor stepped)
+            raise
         if group["fused"]:
             fused.library()  # compile the C step now (once per machine), not at the first step
-        if group["exact"] != self.param_groups[0]["exact"]:
-            # exact mode evaluates the whole model at its previous point x_{t−1}: all groups or none
-            raise ValueError(f"MARS: invalid exact={group['exact']!r}{where}: exact must be the same for "
-                             "every parameter group (the previous point x_{t-1} is the whole model)")
         # The lr the 1-D fallback's ratio lr_1d / lr refers to: the group's lr at construction.
         group.setdefault("base_lr", group["lr"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         # ``foreach`` and ``fused`` say how this optimizer computes, not what: keep this optimizer's
         # choice, so a checkpoint of the readable path resumes on a fast one and back (same state).
-        paths = [(group["foreach"], group.get("fused", False)) for group in self.param_groups]
+        impls = [(group["foreach"], group.get("fused", False)) for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, (foreach, fused_) in zip(self.param_groups, paths, strict=True):
-            group["foreach"], group["fused"] = foreach, fused_
+        for group, (foreach_, fused_) in zip(self.param_groups, impls, strict=True):
+            group["foreach"], group["fused"] = foreach_, fused_
 
     # ------------------------------------------------------------------ the step
 
@@ -149,138 +142,85 @@ class MARS(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None):
         """One MARS step. In exact mode ``closure`` is required: it must zero the gradients,
         evaluate the loss on the current minibatch, call ``backward`` and return the loss."""
-        exact = any(group["exact"] for group in self.param_groups)
+        modes = {group["exact"] for group in self.param_groups}
+        if len(modes) > 1:
+            raise ValueError(_exact_message(False, " (parameter groups changed after construction)"))
+        exact = modes == {True}
         if exact and closure is None:
             raise RuntimeError(
                 "MARS(exact=True) needs step(closure): the closure must zero the gradients, evaluate "
                 "the loss on the current minibatch, call backward() and return the loss; step calls it "
                 "again at the previous point to get the gradient ∇f(x_{t-1}, ξ_t)."
             )
-        loss, rng_before = None, None
+        loss, rng = None, None
         if closure is not None:
-            rng_before = _rng_state() if exact else None
+            rng = chain.rng_state() if exact else None
             with torch.enable_grad():
                 loss = closure()
-        self._check_gradients()
-        g_prev_exact = self._gradients_at_previous_point(closure, rng_before) if exact else {}
-        self._check_gradients(g_prev_exact, " at the previous point (exact mode)")
-        # fused groups: every clipping norm (which is also the finite check) before anything changes
-        sums = {i: fused.first_pass(self, i, group, g_prev_exact)
-                for i, group in enumerate(self.param_groups) if group["fused"]}
-        for i, group in enumerate(self.param_groups):
-            if group["fused"]:
-                fused.step_group(self, group, g_prev_exact, sums[i])  # same math, one C loop per tensor
-            elif group["foreach"]:
-                fast.step_group(self, group, g_prev_exact)  # same math, grouped kernels
-            else:
-                self._step_group(group, g_prev_exact)
+        at_previous_point = self._gradients_at_previous_point(closure, rng) if exact else {}
+
+        groups = [self._gather(i, group, at_previous_point) for i, group in enumerate(self.param_groups)]
+        try:  # pass 1 and every check, for every group, before any tensor changes
+            norms = []
+            for g in groups:
+                functional.check(g.tensors, g.settings, g.state, g.impl)
+                norms.append(functional.correction_norms(g.tensors, g.settings, g.impl))
+        except BaseException:
+            for g in groups:  # the state made for this step's new tensors goes again
+                for p in g.created:
+                    del self.state[p]
+            raise
+        for g, n in zip(groups, norms, strict=True):
+            for state, t in zip(g.state, g.tensors.steps, strict=True):
+                state["step"] = t
+            functional.step(g.tensors, g.settings, n, g.impl)  # pass 2
         return loss
 
-    def _step_group(self, group: dict, g_prev_exact: dict[Tensor, Tensor]) -> None:
-        beta1, beta2 = group["betas"]
-        on_path, cs = [], []
-
-        # 1. correction:  c_t = g_t + γ·β1/(1−β1)·(g_t − g_prev)
-        for p in group["params"]:
+    def _gather(self, i: int, group: dict, at_previous_point: dict[Tensor, Tensor]) -> _Group:
+        """Group ``i``'s flat lists for the functional step: the tensors with a gradient, their state
+        (made here at a tensor's first step), ``g_prev`` and this step's ``t``."""
+        where = f" (parameter group {i})"
+        _check_hyperparameters(group, where)
+        s = chain.Settings.of(group)
+        t = chain.Tensors([], [], [], [], [], [], [], [], [])
+        states, created = [], []
+        for j, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
+            branch = chain.branch(p, s.preconditioner, s.optimize_1d)
             state = self.state[p]
             if len(state) == 0:
-                self._init_state(p, group)
-            state["step"] += 1
-            if not _on_mars_path(p, group):
-                if group["exact"]:  # the previous point x_{t−1} is the whole model, fallback tensors too
-                    state["x_prev"] = p.detach().clone()
-                self._adamw_fallback(p, group)
-                continue
-            if group["exact"]:
-                g_prev = g_prev_exact.get(p)
-                if g_prev is None:  # step 1: there is no previous point
-                    g_prev = torch.zeros_like(p.grad)
-            else:
-                g_prev = state["g_prev"]
-            on_path.append(p)
-            cs.append(storm_correction(p.grad, g_prev, group["gamma"], beta1))
-
-        # 2. clip:  c_t ← c_t · min(1, τ/‖c_t‖)
-        if group["clip"] == "tensor":
-            cs = [clip_by_norm(c, group["max_norm"]) for c in cs]
-        elif group["clip"] == "global":
-            cs = clip_by_global_norm(cs, group["max_norm"])
-
-        for p, c in zip(on_path, cs, strict=True):
-            state = self.state[p]
-            # 3. momentum:  m_t = β1·m_{t−1} + (1−β1)·c_t
-            m = momentum_(state["m"], c, beta1)
-            # 4. precondition:  u_t = P(m_t)
-            if group["preconditioner"] == "lion":
-                u = lion_direction(m)
-            elif group["preconditioner"] == "shampoo" and p.ndim == 2:
-                u = newton_schulz(m / (1.0 - beta1), group["ns_steps"], group["eps"], group["ns_dtype"])
-                u = u * shampoo_scale(p.shape)
-            else:  # AdamW, and the non-2-D tensors of MARS-Shampoo
-                v = second_moment_(state["v"], c, beta2)
-                u = adamw_direction(m, v, state["step"], beta1, beta2, group["eps"])
-            # remember what the next step's correction needs
-            if group["exact"]:
-                state["x_prev"] = p.detach().clone()
-            else:
-                state["g_prev"].copy_(p.grad)
-            # 5. decay + step:  x_{t+1} = x_t − η·(λ·x_t + u_t)
-            decoupled_step_(p, u, group["lr"], group["weight_decay"])
-
-    def _adamw_fallback(self, p: Tensor, group: dict) -> None:
-        """The authors' plain AdamW on the raw gradient for tensors off the MARS path."""
-        state = self.state[p]
-        beta1, beta2 = group["betas_1d"]
-        #   m_t = β1·m + (1−β1)·g_t ;  v_t = β2·v + (1−β2)·g_t²
-        m = momentum_(state["m"], p.grad, beta1)
-        v = second_moment_(state["v"], p.grad, beta2)
-        u = adamw_direction(m, v, state["step"], beta1, beta2, group["eps"])
-        #   x_{t+1} = x_t − η·lr_1d/base_lr·(λ_1d·x_t + u_t)
-        lr = fallback_lr(group["lr"], group["lr_1d"], group["base_lr"])
-        decoupled_step_(p, u, lr, group["weight_decay_1d"])
-
-    def _init_state(self, p: Tensor, group: dict) -> None:
-        state = self.state[p]
-        state["step"] = 0
-        state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        on_path = _on_mars_path(p, group)
-        if not on_path or _needs_second_moment(p, group):
-            state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if on_path and not group["exact"]:
-            state["g_prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state.update(_new_state(p, branch, s.exact))
+                created.append(p)
+            t.params.append(p)
+            t.grads.append(p.grad)
+            t.prev_grads.append(chain.previous_gradient(p, state, branch, s.exact, at_previous_point))
+            t.exp_avgs.append(state.get("m"))
+            t.exp_avg_sqs.append(state.get("v"))
+            t.prev_params.append(state.get("x_prev"))
+            t.steps.append(state.get("step", 0) + 1)
+            t.branches.append(branch)
+            t.names.append(f"parameter group {i}, parameter {j}")
+            states.append(state)
+        impl = "fused" if group["fused"] else "foreach" if group["foreach"] else "readable"
+        return _Group(t, s, impl, states, created)
 
     # ------------------------------------------------------------------ exact mode
 
-    def _gradients_at_previous_point(self, closure, rng_before) -> dict[Tensor, Tensor]:
-        """∇f(x_{t−1}, ξ_t) for every exact-mode tensor that has a previous point.
-
-        Swap each such parameter to its previous value ``x_prev``, call the closure again on
-        the same minibatch with the random state it started from (same dropout masks), read
-        the gradients, swap back, and put the current gradients ``g_t`` back into ``.grad``.
-        """
-        previous = [
-            p for group in self.param_groups if group["exact"] for p in group["params"]
-            if p.grad is not None and "x_prev" in self.state[p]
-        ]
+    def _gradients_at_previous_point(self, closure, rng) -> dict[Tensor, Tensor]:
+        """∇f(x_{t−1}, ξ_t) for every tensor that has a previous point: the closure called again on the
+        same minibatch, at ``x_{t−1}`` and with the random state it started from (same dropout masks);
+        afterwards ``x_t`` and the current gradients ``g_t`` are back in place."""
+        previous = [p for group in self.param_groups for p in group["params"]
+                    if p.grad is not None and "x_prev" in self.state[p]]
         if not previous:
             return {}
         grads_now = {p: p.grad.clone() for group in self.param_groups for p in group["params"]
                      if p.grad is not None}
-        x_now = {p: p.detach().clone() for p in previous}
-        for p in previous:
-            p.copy_(self.state[p]["x_prev"])
-        rng_after = _rng_state()
-        _set_rng_state(rng_before)
-        try:
+        with chain.at_previous_point(previous, [self.state[p]["x_prev"] for p in previous], rng):
             with torch.enable_grad():
                 closure()
-        finally:
-            _set_rng_state(rng_after)
-            for p in previous:
-                p.copy_(x_now[p])
-        g_prev = {p: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for p in previous}
+            g_prev = {p: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for p in previous}
         for p, g in grads_now.items():
             if p.grad is not None and p.grad.shape == g.shape:
                 p.grad.copy_(g)  # keeps DDP's bucket views intact
@@ -288,48 +228,29 @@ class MARS(torch.optim.Optimizer):
                 p.grad = g
         return g_prev
 
-    # ------------------------------------------------------------------ input checks
 
-    def _check_gradients(self, grads: dict[Tensor, Tensor] | None = None, where: str = "") -> None:
-        for i, group in enumerate(self.param_groups):
-            if group["fused"] and grads is None:
-                continue  # g_t is checked by the first pass of the fused step (fused.first_pass), in step()
-            if group["foreach"] and fast.grads_finite(group["params"], grads):
-                continue  # one stacked check for the group; if it fails, the loop below names the tensor
-            self._check_group_gradients(i, group, grads, where)
+class _Group(NamedTuple):
+    """One parameter group, gathered for the functional step."""
 
-    def _check_group_gradients(self, i: int, group: dict, grads: dict[Tensor, Tensor] | None, where: str) -> None:
-        """Walk the tensors of group ``i``; raise, naming the first sparse or non-finite gradient."""
-        for j, p in enumerate(group["params"]):
-            grad = p.grad if grads is None else grads.get(p)
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError(
-                    f"MARS does not support sparse gradients (parameter group {i}, parameter {j}, "
-                    f"shape {tuple(p.shape)}); use dense gradients (e.g. nn.Embedding(sparse=False))."
-                )
-            # a NaN or inf element makes the sum NaN or inf, so a finite sum clears the tensor in one cheap
-            # reduction (isfinite(grad) alone is ~12x slower); a non-finite sum may be a float overflow: look closer
-            if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
-                raise FloatingPointError(
-                    f"MARS: non-finite gradient{where} (nan or inf) in parameter group {i}, "
-                    f"parameter {j}, shape {tuple(p.shape)}; nothing was updated. Skip this step or "
-                    "lower the learning rate."
-                )
+    tensors: chain.Tensors
+    settings: chain.Settings
+    impl: str
+    state: list[dict]
+    created: list[Tensor]  # tensors whose state this step made (removed again if the step is refused)
 
 
-def _on_mars_path(p: Tensor, group: dict) -> bool:
-    return group["optimize_1d"] or p.ndim == 2
+def _new_state(p: Tensor, branch: str, exact: bool) -> dict:
+    """Zero state for a tensor's first step: ``step`` and the tensors of :func:`mars_ref.chain.state_keys`."""
+    state: dict = {"step": 0}
+    for key in chain.state_keys(branch, exact):
+        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
 
 
-def _needs_second_moment(p: Tensor, group: dict) -> bool:
-    """v is kept only where the AdamW branch runs: never for Lion, nor for 2-D Shampoo tensors."""
-    if group["preconditioner"] == "lion":
-        return False
-    if group["preconditioner"] == "shampoo":
-        return p.ndim != 2
-    return True
+def _exact_message(value, where: str) -> str:
+    # exact mode evaluates the whole model at its previous point x_{t−1}: all groups or none
+    return (f"MARS: invalid exact={value!r}{where}: exact must be the same for every parameter group "
+            "(the previous point x_{t-1} is the whole model)")
 
 
 def _check_hyperparameters(group: dict, where: str) -> None:
@@ -346,10 +267,10 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         betas = group[name]
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             bad(name, "must be two numbers in [0, 1)")
-    if group["preconditioner"] not in PRECONDITIONERS:
-        bad("preconditioner", f"must be one of {PRECONDITIONERS}")
-    if group["clip"] not in CLIP_MODES:
-        bad("clip", f"must be one of {CLIP_MODES}")
+    if group["preconditioner"] not in chain.PRECONDITIONERS:
+        bad("preconditioner", f"must be one of {chain.PRECONDITIONERS}")
+    if group["clip"] not in chain.CLIP_MODES:
+        bad("clip", f"must be one of {chain.CLIP_MODES}")
     if not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
         bad("ns_steps", "must be an integer >= 1")
     if group["ns_dtype"] is not None and not (
@@ -359,16 +280,7 @@ def _check_hyperparameters(group: dict, where: str) -> None:
     for name in ("exact", "optimize_1d", "foreach", "fused"):
         if not isinstance(group[name], bool):
             bad(name, "must be True or False")
-    fused.check_group(group, where)
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+    if group["fused"]:
+        if group["foreach"]:
+            raise ValueError(f"MARS: fused=True and foreach=True{where}: choose one (as torch.optim.AdamW)")
+        fused.check_settings(group["preconditioner"], where)

@@ -1,7 +1,7 @@
-r"""The pieces MARS is made of, one small function each, usable on plain tensors.
+r"""The pieces MARS is made of: one pure function per equation, usable on plain tensors.
 
-MARS (Yuan et al., arXiv 2411.10438) is a chain of five transformations of the
-stochastic gradient ``g_t = ∇f(x_t, ξ_t)``:
+MARS (Yuan et al., arXiv 2411.10438; ``docs/algorithm.md`` §2–§5) is a chain of five
+transformations of the stochastic gradient ``g_t = ∇f(x_t, ξ_t)``:
 
     correction    c_t = g_t + γ · β1/(1−β1) · (g_t − g_prev)            (STORM, scaled)
     clip          c_t ← c_t · min(1, τ/‖c_t‖)                            (τ = 1 per tensor)
@@ -9,11 +9,11 @@ stochastic gradient ``g_t = ∇f(x_t, ξ_t)``:
     precondition  u_t = P(m_t)            AdamW: m̂/(√v̂+ε), Lion: sign(m), Shampoo: U Vᵀ
     decay + step  x_{t+1} = x_t − η · (λ · x_t + u_t)
 
-The functions below compute one link each. They never keep state of their own: the
-optimizer (``mars_ref.optimizer.MARS``) owns ``m``, ``v`` and ``g_prev`` and passes
-them in; the notebooks call the very same functions on toy tensors.
-
-In-place functions end in ``_`` (as in torch); the others return new tensors.
+Each function below is the expression under its equation: it returns a new tensor, changes
+none of its inputs, keeps no state and stays differentiable (a notebook may take its gradient).
+Who owns ``m``, ``v`` and ``g_prev``, which tensors take which branch and how the clip norm is
+chosen are decisions, made once in :mod:`mars_ref.chain`; speed lives in :mod:`mars_ref.foreach`
+and :mod:`mars_ref.fused`, never here.
 """
 
 from __future__ import annotations
@@ -24,17 +24,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-
-def _scratch(temporary: Tensor, *inputs: Tensor) -> Tensor | None:
-    """``temporary`` as the ``out=`` of the next operation, or ``None`` (a fresh tensor) while autograd
-    records through any of these tensors: the optimizer steps under ``no_grad`` and saves a full-size
-    allocation per call; a differentiable call stays differentiable (torch refuses ``out=`` there)."""
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (temporary, *inputs))
-    return None if recording else temporary
-
 # ---------------------------------------------------------------------------
 # 1. Correction (STORM, scaled)
 # ---------------------------------------------------------------------------
+
+
+def correction_scale(gamma: float, beta1: float) -> float:
+    r"""The weight of ``g_t − g_prev`` in the correction:  .. math:: k = γ β_1 / (1 − β_1)"""
+    return gamma * beta1 / (1.0 - beta1)
 
 
 def storm_correction(grad: Tensor, grad_prev: Tensor, gamma: float, beta1: float) -> Tensor:
@@ -46,15 +43,8 @@ def storm_correction(grad: Tensor, grad_prev: Tensor, gamma: float, beta1: float
     or ``g_{t-1}`` (approx MARS, the previous step's own gradient); zero at step 1.
     With ``gamma = 0`` this is ``g_t`` and MARS falls back to its base optimizer.
     """
-    scale = correction_scale(gamma, beta1)
-    #   c_t = g_t + scale · (g_t − g_prev)   (written over the difference when it can be: see _scratch)
-    diff = grad - grad_prev
-    return torch.add(grad, diff, alpha=scale, out=_scratch(diff))
-
-
-def correction_scale(gamma: float, beta1: float) -> float:
-    r"""The weight of ``g_t − g_prev`` in the correction:  .. math:: k = γ β_1 / (1 − β_1)"""
-    return gamma * beta1 / (1.0 - beta1)
+    #   c_t = g_t + k · (g_t − g_prev),   k = γ·β1/(1−β1)
+    return torch.add(grad, grad - grad_prev, alpha=correction_scale(gamma, beta1))
 
 
 def storm_estimator(grad: Tensor, grad_prev: Tensor, d_prev: Tensor, a: float) -> Tensor:
@@ -77,18 +67,31 @@ def storm_estimator(grad: Tensor, grad_prev: Tensor, d_prev: Tensor, a: float) -
 # ---------------------------------------------------------------------------
 
 
+def clip_factor(norm: Tensor, max_norm: float = 1.0) -> Tensor:
+    r"""The factor that clips a vector of norm ``norm`` to at most ``max_norm``.
+
+    .. math::  \min(1, τ / ‖c‖)
+
+    The authors write ``if ‖c‖ > 1: c = c / ‖c‖``; that is ``c · min(1, 1/‖c‖)``. Elementwise in
+    ``norm`` (a 0-d tensor, or one norm per run in the toys); ``‖c‖ = 0`` gives 1.
+    """
+    return torch.clamp(max_norm / norm, max=1.0)
+
+
+def global_norm(norms: Sequence[Tensor]) -> Tensor:
+    r"""The norm of a concatenation from the norms of its parts, summed in float64.
+
+    .. math::  ‖(c_1, …, c_n)‖ = \sqrt{\textstyle\sum_j ‖c_j‖^2}
+    """
+    return torch.linalg.vector_norm(torch.stack([n.double() for n in norms]), dim=0)
+
+
 def clip_by_norm(c: Tensor, max_norm: float = 1.0) -> Tensor:
     r"""Clip one tensor by its own Euclidean norm (the authors' rule, ``max_norm = 1``).
 
     .. math::  c ← c · \min(1, τ / ‖c‖_2)
-
-    The authors write ``if ‖c‖ > 1: c = c / ‖c‖``; this is the same for ``τ = 1``.
     """
-    norm = torch.linalg.vector_norm(c)
-    #   if ‖c‖ > τ:  c ← c · τ/‖c‖
-    if norm > max_norm:
-        return c * (max_norm / norm)
-    return c
+    return c * clip_factor(torch.linalg.vector_norm(c), max_norm)
 
 
 def clip_by_global_norm(cs: Sequence[Tensor], max_norm: float = 1.0) -> list[Tensor]:
@@ -98,12 +101,8 @@ def clip_by_global_norm(cs: Sequence[Tensor], max_norm: float = 1.0) -> list[Ten
     """
     if len(cs) == 0:
         return []
-    #   ‖c‖_global = sqrt(Σ_j ‖c_j‖²)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c).double() for c in cs]))
-    if norm > max_norm:
-        #   c_i ← c_i · τ/‖c‖_global
-        return [c * (max_norm / norm).to(c.dtype) for c in cs]
-    return list(cs)
+    factor = clip_factor(global_norm([torch.linalg.vector_norm(c) for c in cs]), max_norm)
+    return [c * factor.to(c.dtype) for c in cs]
 
 
 # ---------------------------------------------------------------------------
@@ -111,17 +110,17 @@ def clip_by_global_norm(cs: Sequence[Tensor], max_norm: float = 1.0) -> list[Ten
 # ---------------------------------------------------------------------------
 
 
-def momentum_(m: Tensor, c: Tensor, beta1: float) -> Tensor:
-    r"""Exponential moving average, in place.   .. math:: m_t = β_1 m_{t-1} + (1-β_1) c_t"""
-    return m.mul_(beta1).add_(c, alpha=1.0 - beta1)
+def momentum(m: Tensor, c: Tensor, beta1: float) -> Tensor:
+    r"""Exponential moving average.   .. math:: m_t = β_1 m_{t-1} + (1-β_1) c_t"""
+    return torch.add(m * beta1, c, alpha=1.0 - beta1)
 
 
-def second_moment_(v: Tensor, c: Tensor, beta2: float) -> Tensor:
-    r"""Second moment, in place.   .. math:: v_t = β_2 v_{t-1} + (1-β_2) c_t^2
+def second_moment(v: Tensor, c: Tensor, beta2: float) -> Tensor:
+    r"""Second moment.   .. math:: v_t = β_2 v_{t-1} + (1-β_2) c_t^2
 
     In MARS-AdamW ``c`` is the clipped corrected gradient, not ``g_t``.
     """
-    return v.mul_(beta2).addcmul_(c, c, value=1.0 - beta2)
+    return torch.addcmul(v * beta2, c, c, value=1.0 - beta2)
 
 
 # ---------------------------------------------------------------------------
@@ -139,11 +138,10 @@ def adamw_direction(m: Tensor, v: Tensor, step: int, beta1: float, beta2: float,
     """
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
-    #   denom = (√v_t / √(1−β2^t) + ε) · (1−β1^t)   (the scaling written over √v_t when it can be: see _scratch)
-    root = v.sqrt()
-    denom = torch.div(root, math.sqrt(bias_correction2), out=_scratch(root, v)).add_(eps).mul_(bias_correction1)
-    #   u_t = m_t / denom   (written over denom when it can be: see _scratch)
-    return torch.div(m, denom, out=_scratch(denom, m))
+    #   denom = (√v_t / √(1−β2^t) + ε) · (1−β1^t)
+    denom = (v.sqrt() / math.sqrt(bias_correction2) + eps) * bias_correction1
+    #   u_t = m_t / denom
+    return m / denom
 
 
 def lion_direction(m: Tensor) -> Tensor:
@@ -216,14 +214,12 @@ def inverse_root(A: Tensor, root: int = 4, eps: float = 1e-12) -> Tensor:
     return (Q * scale) @ Q.T
 
 
-def shampoo_factors_(L: Tensor, R: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Accumulate Shampoo's Kronecker factors, in place.
+def shampoo_factors(L: Tensor, R: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Shampoo's Kronecker factors after one more gradient.
 
     .. math::  L_t = L_{t-1} + G G^T, \qquad R_t = R_{t-1} + G^T G
     """
-    L.addmm_(G, G.T)
-    R.addmm_(G.T, G)
-    return L, R
+    return torch.addmm(L, G, G.T), torch.addmm(R, G.T, G)
 
 
 def shampoo_direction(L: Tensor, R: Tensor, M: Tensor, eps: float = 1e-12) -> Tensor:
@@ -240,24 +236,15 @@ def shampoo_scale(shape: Sequence[int]) -> float:
     return max(1.0, rows / cols) ** 0.5
 
 
-def fallback_lr(lr: float, lr_1d: float, base_lr: float) -> float:
-    r"""The learning rate of the AdamW fallback (tensors off the MARS path):  .. math:: η · lr_{1d} / base\_lr
-
-    ``base_lr`` is the group's ``lr`` at construction, so a scheduler that scales ``lr`` scales the
-    fallback with it (the authors' rule); ``base_lr = 0`` gives ``lr``.
-    """
-    return lr * (lr_1d / base_lr) if base_lr > 0 else lr
-
-
 # ---------------------------------------------------------------------------
 # 5. Decay and step
 # ---------------------------------------------------------------------------
 
 
-def decoupled_step_(p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> Tensor:
-    r"""Decoupled weight decay applied to the pre-update point, then the step, in place.
+def decoupled_step(x: Tensor, direction: Tensor, lr: float, weight_decay: float) -> Tensor:
+    r"""Decoupled weight decay applied to the pre-update point, then the step.
 
     .. math::  x_{t+1} = x_t - η (λ x_t + u_t)
     """
     #   x_{t+1} = x_t − η · (λ · x_t + u_t)
-    return p.add_(torch.add(direction, p, alpha=weight_decay), alpha=-lr)
+    return torch.add(x, torch.add(direction, x, alpha=weight_decay), alpha=-lr)

@@ -22,8 +22,8 @@ exact STORM / exact MARS.
 
 :func:`run` runs SGD, momentum, STORM or MARS-momentum on many seeds at once and records, per
 step and seed, ``F(x_t)``, ``‖∇F(x_t)‖²`` and the estimator's error ``‖d_t − ∇F(x_t)‖²``. It
-calls the pieces of :mod:`mars_ref.pieces` (``storm_estimator``, ``storm_correction``,
-``clip_by_norm``, ``clip_by_global_norm``, ``momentum_``); it holds no formula of its own.
+calls the pieces of :mod:`mars_ref.pieces` (``storm_estimator``, ``storm_correction``, ``momentum``)
+and the optimizer's own clip rule (:func:`mars_ref.chain.clip_factors`); it holds no formula of its own.
 
 Everything is float64 by default and deterministic given the generator's seed.
 """
@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .pieces import clip_by_global_norm, clip_by_norm, momentum_, storm_correction, storm_estimator
+from .chain import CLIP_MODES, clip_factors
+from .pieces import momentum, storm_correction, storm_estimator
 
 __all__ = ["TwoLayerRegression", "Noisy2D", "Run", "run", "METHODS"]
 
@@ -181,20 +182,17 @@ class Run:
 
 
 def _clip_rows(problem, c: Tensor, clip: str | None, max_norm: float) -> Tensor:
-    """Clip every run's ``c`` (rows of a ``(seeds, dim)`` tensor) with the library's rules."""
+    """Clip every run's ``c`` (rows of a ``(seeds, dim)`` tensor) by the optimizer's rule
+    (:func:`mars_ref.chain.clip_factors`), the parts of ``problem.split`` taking the place of tensors."""
     if clip is None or clip == "none":
         return c
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be None, 'none', 'tensor' or 'global', not {clip!r}")
+    parts = problem.split(c)
+    norms = [part.flatten(1).norm(dim=1) for part in parts]  # one norm per run and part
     out = torch.empty_like(c)
-    for c_s, o_s in zip(c, out, strict=True):
-        parts = problem.split(c_s)
-        if clip == "tensor":
-            clipped = [clip_by_norm(p, max_norm) for p in parts]
-        elif clip == "global":
-            clipped = clip_by_global_norm(parts, max_norm)
-        else:
-            raise ValueError(f"clip must be None, 'none', 'tensor' or 'global', not {clip!r}")
-        for target, p in zip(problem.split(o_s), clipped, strict=True):
-            target.copy_(p)
+    for target, part, factor in zip(problem.split(out), parts, clip_factors(norms, clip, max_norm), strict=True):
+        target.copy_(part * factor.to(c.dtype).view(-1, *[1] * (part.ndim - 1)))
     return out
 
 
@@ -204,7 +202,7 @@ def run(problem, method: str, lr: float, steps: int, seeds: int = 64, seed: int 
     r"""Run ``x_{t+1} = x_t − η d_t`` on ``seeds`` independent runs at once; ``d_t`` by ``method``:
 
     * ``"sgd"``: ``d_t = g_t = ∇f(x_t, ξ_t)``
-    * ``"momentum"``: ``d_t = m_t = β m_{t−1} + (1−β) g_t`` (``momentum_``)
+    * ``"momentum"``: ``d_t = m_t = β m_{t−1} + (1−β) g_t`` (``momentum``)
     * ``"storm-exact"`` / ``"storm-approx"``: ``d_t = g_t + (1−a)(d_{t−1} − g_prev)`` with
       ``1 − a = β`` (``storm_estimator``); exact: ``g_prev = ∇f(x_{t−1}, ξ_t)``, approx: ``g_{t−1}``
     * ``"mars-exact"`` / ``"mars-approx"``: ``c_t = g_t + γ β/(1−β)(g_t − g_prev)``
@@ -236,13 +234,13 @@ def run(problem, method: str, lr: float, steps: int, seeds: int = 64, seed: int 
         if method == "sgd":
             d = g
         elif method == "momentum":
-            d = momentum_(d, g, beta)
+            d = momentum(d, g, beta)
         elif method.startswith("storm"):
             d = storm_estimator(g, g_prev, d, 1.0 - beta)
         else:
             c = storm_correction(g, g_prev, gamma, beta)
             corr = (c - g).norm(dim=-1)
-            d = momentum_(d, _clip_rows(problem, c, clip, max_norm), beta)
+            d = momentum(d, _clip_rows(problem, c, clip, max_norm), beta)
         rec["loss"][t], full = problem.loss_and_grad(x)
         rec["grad_sq"][t] = full.square().sum(-1)
         rec["err"][t] = (d - full).square().sum(-1)

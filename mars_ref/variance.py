@@ -22,11 +22,11 @@ current point ``x_t``, *before* the optimizer step, on the step's own gradient:
   - MARS: ``m_t = β1·m_{t−1} + (1−β1)·c_t`` bias-corrected by ``1 − β1^t`` (AdamW
     fallback tensors: their own AdamW momentum).
 * ``c`` (MARS only): the corrected, clipped gradient
-  ``c_t = clip(g_t + γ·β1/(1−β1)·(g_t − g_prev))``, recomputed here with
-  :func:`mars_ref.pieces.storm_correction` and :func:`~mars_ref.pieces.clip_by_norm` from the
+  ``c_t = clip(g_t + γ·β1/(1−β1)·(g_t − g_prev))``, recomputed here by the optimizer's own chain
+  (:func:`mars_ref.chain.corrected_gradients`: the same path, ``g_prev`` and clip decisions) from the
   optimizer's stored ``g_prev`` (approx) or from ``∇f(x_{t−1}, ξ_t)`` evaluated here on the
-  step's batch at the stored previous point (exact), then global-norm clipped like the
-  training closure. Tensors off the MARS path contribute their ``g_t``.
+  step's batch at the stored previous point (exact, :func:`mars_ref.chain.at_previous_point`),
+  then global-norm clipped like the training closure. Tensors off the MARS path contribute their ``g_t``.
 
 How good is the held-out ``∇F`` itself? Also logged: ``full_grad_sq = ‖∇F̂‖²/n``,
 ``heldout_var``, the variance per coordinate of one held-out minibatch gradient (estimated
@@ -58,7 +58,8 @@ import math
 import torch
 from torch import Tensor
 
-from .pieces import clip_by_global_norm, clip_by_norm, storm_correction
+from . import chain
+from .pieces import momentum
 
 
 class VarianceProbe:
@@ -110,21 +111,14 @@ class VarianceProbe:
         swapped = [p for p in self.params if "x_prev" in state.get(p, {})]
         if not swapped:
             return {}
-        now = {p: p.detach().clone() for p in swapped}
-        with torch.no_grad():
-            for p in swapped:
-                p.copy_(state[p]["x_prev"])
-        try:
+        with chain.at_previous_point(swapped, [state[p]["x_prev"] for p in swapped]):
             grads = self._mean_gradient(step_batches)
-        finally:
-            with torch.no_grad():
-                for p in swapped:
-                    p.copy_(now[p])
         if clip > 0:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             scale = min(1.0, clip / (norm.item() + 1e-6))
             grads = [g * scale for g in grads]
-        return {p: g.to(p.dtype) for p, g in zip(self.params, grads, strict=True) if p in now}
+        keep = set(swapped)
+        return {p: g.to(p.dtype) for p, g in zip(self.params, grads, strict=True) if p in keep}
 
     # ------------------------------------------------------------------ the optimizers' estimates
 
@@ -163,36 +157,28 @@ class VarianceProbe:
                     ms.append(self._adamw_momentum(p, g, group["betas_1d"][0], "m"))
             return {"m": ms}
 
-        # MARS: c_t from storm_correction + clipping, group by group, then the momentum.
+        # MARS: c_t by the optimizer's own chain (correction, clip), group by group, then the momentum.
         cs: list[Tensor] = list(grads)
+        index = {p: i for i, p in enumerate(self.params)}
         for group in self.optimizer.param_groups:
-            beta1 = group["betas"][0]
-            on_path = [i for i, p in enumerate(self.params)
-                       if self.group_of[p] is group and (group["optimize_1d"] or p.ndim == 2)]
-            corrected = []
-            for i in on_path:
-                p = self.params[i]
-                if group["exact"]:
-                    g_prev = g_prev_exact.get(p, torch.zeros_like(p))
-                else:
-                    g_prev = state.get(p, {}).get("g_prev", torch.zeros_like(p))
-                corrected.append(storm_correction(grads[i], g_prev, group["gamma"], beta1))
-            if group["clip"] == "tensor":
-                corrected = [clip_by_norm(c, group["max_norm"]) for c in corrected]
-            elif group["clip"] == "global":
-                corrected = clip_by_global_norm(corrected, group["max_norm"])
-            for i, c in zip(on_path, corrected, strict=True):
-                cs[i] = c
+            s = chain.Settings.of(group)
+            ps = [p for p in group["params"] if p in index]
+            branches = [chain.branch(p, s.preconditioner, s.optimize_1d) for p in ps]
+            prev = [chain.previous_gradient(p, state.get(p, {}), b, s.exact, g_prev_exact)
+                    for p, b in zip(ps, branches, strict=True)]
+            t = chain.Tensors(ps, [grads[index[p]] for p in ps], prev, [], [], [], [], branches, [])
+            for p, c in zip(ps, chain.corrected_gradients(t, s), strict=True):
+                cs[index[p]] = c
         for i, p in enumerate(self.params):
             group = self.group_of[p]
-            if group["optimize_1d"] or p.ndim == 2:
-                beta1 = group["betas"][0]
+            s = chain.Settings.of(group)
+            if chain.branch(p, s.preconditioner, s.optimize_1d) != "fallback":
                 st = state.get(p, {})
                 t = st.get("step", 0) + 1
-                m = st.get("m", torch.zeros_like(p))
-                ms.append(torch.lerp(cs[i], m, beta1) / (1.0 - beta1**t))
+                #   m̂_t = (β1·m_{t−1} + (1−β1)·c_t) / (1 − β1^t)
+                ms.append(momentum(st.get("m", torch.zeros_like(p)), cs[i], s.beta1) / (1.0 - s.beta1**t))
             else:
-                ms.append(self._adamw_momentum(p, grads[i], group["betas_1d"][0], "m"))
+                ms.append(self._adamw_momentum(p, grads[i], s.beta1_1d, "m"))
         return {"c": cs, "m": ms}
 
     # ------------------------------------------------------------------ the measurement
@@ -206,8 +192,7 @@ class VarianceProbe:
         the step's whole global batch, or a function returning it (only exact MARS needs it, for
         ``∇f(x_{t−1}, ξ_t)``).
         """
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        rng = chain.rng_state()
         try:
             spread: dict = {}
             full = self._mean_gradient(self.held_out, spread)
@@ -232,9 +217,7 @@ class VarianceProbe:
             for name, est in {"g": raw, **self.estimates(step, clipped, g_prev)}.items():
                 record.update({f"{k}_{name}": v for k, v in compare(est, full).items()})
         finally:
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
+            chain.set_rng_state(rng)
         return record
 
 

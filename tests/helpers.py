@@ -18,7 +18,7 @@ def load_solution(name: str):
     return module
 
 
-# ---------------------------------------------------------------- the fast paths side by side with the readable one
+# ---------------------------------------------------------------- the foreach and fused steps beside the readable one
 
 SHAPES = [(12, 10), (10,), (6, 7, 2), (16, 16), (7,)]  # 2-D, 1-D, 3-D: the MARS path and the fallback
 
@@ -40,7 +40,7 @@ def set_grads(params_list, step, gen, skip=()):
 
 def run_side_by_side(kw, path: dict, steps=20, shapes=SHAPES, groups=None, skip_every=None):
     """The readable MARS and MARS(**path) (e.g. foreach=True) on two copies of the same parameters with
-    the same gradients; returns (readable params, fast params, readable optimizer, fast optimizer)."""
+    the same gradients; returns (readable params, other params, readable optimizer, other optimizer)."""
     pa, pb = make_params(shapes), make_params(shapes)
 
     def make(params, extra):
@@ -60,7 +60,7 @@ def run_side_by_side(kw, path: dict, steps=20, shapes=SHAPES, groups=None, skip_
 
 def exact_side_by_side(path: dict, steps=20, **kw):
     """Exact mode (two gradients per step, dropout) on a small network, readable and MARS(**path);
-    returns (readable params, fast params, readable optimizer, fast optimizer)."""
+    returns (readable params, other params, readable optimizer, other optimizer)."""
     torch.manual_seed(0)
     X, Y = torch.randn(32, 12), torch.randn(32, 10)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import load_solution
 
-from mars_ref.pieces import momentum_, storm_correction
+from mars_ref.pieces import momentum, storm_correction
 
 nb06 = load_solution("nb06")
 
@@ -44,7 +44,7 @@ def simulated_lag(gamma, beta1, steps=3000, drift=0.01):
     g_prev = torch.zeros(1, dtype=torch.float64)
     for t in range(1, steps + 1):
         g = torch.tensor([t * drift], dtype=torch.float64)
-        momentum_(m, storm_correction(g, g_prev, gamma, beta1), beta1)
+        m = momentum(m, storm_correction(g, g_prev, gamma, beta1), beta1)
         g_prev = g
     return (steps * drift - m.item()) / drift
 

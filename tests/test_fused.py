@@ -1,7 +1,7 @@
 """The fused CPU step (``MARS(fused=True)``, :mod:`mars_ref.fused`, ``mars_ref/fused.c``).
 
 (Mixed groups with missing gradients, the state size and non-finite gradients are tested for both
-fast paths in tests/test_fast.py.)
+fast paths in tests/test_foreach.py.)
 
 Each comparison runs the readable optimizer and the fused one side by side on two copies of the same
 float32 parameters with the same gradients for 20 steps. The C loop computes each element with the

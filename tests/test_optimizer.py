@@ -1,5 +1,5 @@
 """Tests of ``mars_ref.MARS`` against an independent, deliberately naive transcription of
-mars-algorithm.md §1–§5 written below (plain elementwise tensor math; it never calls
+`docs/algorithm.md` §2–§6 written below (plain elementwise tensor math; it never calls
 ``mars_ref.pieces``), plus exact mode, checkpoints, state layout and input checking.
 """
 
@@ -114,7 +114,7 @@ def naive_newton_schulz(M, steps, eps):
 
 
 class NaiveMARS:
-    """mars-algorithm.md §1–§5, one line per equation, for named tensors and per-group settings.
+    """`docs/algorithm.md` §2–§6, one line per equation, for named tensors and per-group settings.
 
     ``groups``: list of dicts with "names" and every hyperparameter (as given to MARS).
     ``step(params, grads, lrs, g_prev_exact)`` returns the new parameters (a new dict).

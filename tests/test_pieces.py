@@ -180,7 +180,7 @@ def test_one_step_shampoo_equals_polar_factor(shape):
     # the same, through the accumulating factors of full Shampoo after one step
     L = torch.zeros(shape[0], shape[0], dtype=F64)
     R = torch.zeros(shape[1], shape[1], dtype=F64)
-    pieces.shampoo_factors_(L, R, M)
+    L, R = pieces.shampoo_factors(L, R, M)
     assert torch.allclose(L, M @ M.T, rtol=0, atol=1e-14) and torch.allclose(R, M.T @ M, rtol=0, atol=1e-14)
     assert (pieces.shampoo_direction(L, R, M, eps=1e-12) - polar).abs().max() < 1e-8
 
@@ -190,7 +190,7 @@ def test_shampoo_factors_accumulate():
     Gs = [torch.randn(5, 3, generator=g, dtype=F64) for _ in range(3)]
     L, R = torch.zeros(5, 5, dtype=F64), torch.zeros(3, 3, dtype=F64)
     for G in Gs:
-        pieces.shampoo_factors_(L, R, G)
+        L, R = pieces.shampoo_factors(L, R, G)
     assert torch.allclose(L, sum(G @ G.T for G in Gs), rtol=0, atol=1e-13)
     assert torch.allclose(R, sum(G.T @ G for G in Gs), rtol=0, atol=1e-13)
 
@@ -228,21 +228,21 @@ def test_elementwise_pieces_against_formulas():
     gamma, b1, b2, eps, t, lr, wd = 0.3, 0.9, 0.99, 1e-8, 3, 0.01, 0.1
     c = pieces.storm_correction(gt, gp, gamma, b1)
     assert torch.allclose(c, gt + gamma * b1 / (1 - b1) * (gt - gp), rtol=0, atol=1e-14)
-    m_new = pieces.momentum_(m.clone(), c, b1)
+    m_new = pieces.momentum(m, c, b1)
     assert torch.allclose(m_new, b1 * m + (1 - b1) * c, rtol=0, atol=1e-15)
-    v_new = pieces.second_moment_(v.clone(), c, b2)
+    v_new = pieces.second_moment(v, c, b2)
     assert torch.allclose(v_new, b2 * v + (1 - b2) * c * c, rtol=0, atol=1e-14)
     u = pieces.adamw_direction(m_new, v_new, t, b1, b2, eps)
     denom = (torch.sqrt(v_new) / math.sqrt(1 - b2**t) + eps) * (1 - b1**t)
     assert torch.allclose(u, m_new / denom, rtol=1e-14, atol=0)
     assert torch.equal(pieces.lion_direction(m), torch.sign(m))
-    x_new = pieces.decoupled_step_(x.clone(), u, lr, wd)
+    x_new = pieces.decoupled_step(x, u, lr, wd)
     assert torch.allclose(x_new, x - lr * (wd * x + u), rtol=0, atol=1e-15)
 
 
-def test_correction_and_adamw_direction_stay_differentiable():
-    """They write over their own temporaries only where autograd is not recording (the optimizer's no_grad
-    step): with inputs that require grad they must still give the closed-form derivatives."""
+def test_pieces_are_differentiable_and_pure():
+    """Every piece is an expression: with inputs that require grad it gives the closed-form derivatives, and
+    it changes none of its inputs."""
     g = _gen(10)
     gt, gp, m = (torch.randn(4, 5, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
     v = torch.rand(4, 5, generator=g, dtype=F64).requires_grad_()
@@ -258,6 +258,15 @@ def test_correction_and_adamw_direction_stay_differentiable():
     assert torch.allclose(v.grad, expected_v, rtol=1e-12, atol=0)
     with torch.no_grad():  # and under no_grad (the optimizer), requires_grad inputs are fine too
         assert torch.allclose(pieces.storm_correction(gt, gp, gamma, b1), gt + k * (gt - gp), rtol=0, atol=1e-14)
+    x, u = (torch.randn(4, 5, generator=g, dtype=F64, requires_grad=True) for _ in range(2))
+    inputs = [t.detach().clone() for t in (m, v, x, u)]
+    lr, wd = 0.1, 0.01
+    (pieces.momentum(m, u, b1).sum() + pieces.second_moment(v, u, b2).sum()
+     + pieces.decoupled_step(x, u, lr, wd).sum()).backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 1 - lr * wd), rtol=0, atol=1e-15)
+    # d/du: (1−β1) from the momentum, 2(1−β2)u from the second moment, −η from the step
+    assert torch.allclose(u.grad, (1 - b1) + 2 * (1 - b2) * u.detach() - lr, rtol=0, atol=1e-14)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(inputs, (m, v, x, u), strict=True))
 
 
 def test_clipping():
@@ -283,7 +292,7 @@ def test_momentum_of_corrections_is_storm_at_gamma_one():
     g_prev = torch.zeros(7, dtype=F64)
     for _ in range(6):
         g_t = torch.randn(7, generator=g, dtype=F64)
-        m = pieces.momentum_(m, pieces.storm_correction(g_t, g_prev, 1.0, b1), b1)
+        m = pieces.momentum(m, pieces.storm_correction(g_t, g_prev, 1.0, b1), b1)
         d = pieces.storm_estimator(g_t, g_prev, d, a=1 - b1)  # from d_0 = 0, g_prev = 0: d_1 = g_1
         assert torch.allclose(m, d, rtol=0, atol=1e-13)
         g_prev = g_t + 0.1 * torch.randn(7, generator=g, dtype=F64)  # any "previous-point" gradient

@@ -10,9 +10,9 @@ import torch
 from mars_ref.pieces import (
     adamw_direction,
     clip_by_norm,
-    decoupled_step_,
-    momentum_,
-    second_moment_,
+    decoupled_step,
+    momentum,
+    second_moment,
     storm_correction,
 )
 
@@ -46,11 +46,11 @@ def exact_mars_adamw_by_hand(
         # exact: the gradient at the previous point on the *current* minibatch (zero at step 1)
         g_prev = lsq_grad(W_prev, A, B) if W_prev is not None else torch.zeros_like(W)
         c = clip_by_norm(storm_correction(g, g_prev, gamma, beta1), max_norm)
-        momentum_(m, c, beta1)
-        second_moment_(v, c, beta2)
+        m = momentum(m, c, beta1)
+        v = second_moment(v, c, beta2)
         u = adamw_direction(m, v, t, beta1, beta2, eps)
         W_prev = W.clone()
-        decoupled_step_(W, u, lr, weight_decay)
+        W = decoupled_step(W, u, lr, weight_decay)
     return W
 
 

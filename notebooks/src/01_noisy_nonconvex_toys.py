@@ -84,7 +84,7 @@ for B in (1, 4, 16, 64):
 #
 # * **SGD**: $x_{t+1} = x_t - \eta\, g_t$
 # * **SGD-momentum** (EMA form, as in MARS): $m_t = \beta m_{t-1} + (1-\beta) g_t$, $x_{t+1} = x_t - \eta\, m_t$,
-#   $\beta = 0.9$ (`mars_ref.pieces.momentum_`).
+#   $\beta = 0.9$ (`mars_ref.pieces.momentum`).
 #
 # `toys.run` runs all seeds at once as rows of one tensor.
 

@@ -14,7 +14,7 @@
 #   gradient: one evaluation per step.
 #
 # This notebook runs the recursion by hand with the library's pieces
-# (`mars_ref.pieces.storm_estimator`, `storm_correction`, `momentum_`), **measures** the error
+# (`mars_ref.pieces.storm_estimator`, `storm_correction`, `momentum`), **measures** the error
 # $\mathbb{E}\|d_t - \nabla F(x_t)\|^2$ over many seeds on the finite-sum toy of notebook 01 (where
 # $\nabla F$ is exact), counts gradient evaluations, and shows that MARS's momentum with $\gamma = 1$ *is*
 # STORM, to machine precision, with $\gamma$ interpolating between momentum and STORM.
@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from mars_ref import toys
-from mars_ref.pieces import momentum_, storm_correction, storm_estimator
+from mars_ref.pieces import momentum, storm_correction, storm_estimator
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and robust on a shared machine
 torch.manual_seed(0)
@@ -83,7 +83,7 @@ for t in range(1, 101):
     g_prev = problem.stoch_grad(x_prev, xi) if t > 1 else torch.zeros_like(x)  # ∇f(x_{t-1}, ξ_t)
     d = storm_estimator(g, g_prev, d, a=1 - BETA)          # d_t = g_t + (1−a)(d_{t−1} − g_prev)
     c = storm_correction(g, g_prev, gamma=1.0, beta1=BETA)  # c_t = g_t + γ·β1/(1−β1)·(g_t − g_prev)
-    m = momentum_(m, c, BETA)                              # m_t = β1 m_{t−1} + (1−β1) c_t
+    m = momentum(m, c, BETA)                               # m_t = β1 m_{t−1} + (1−β1) c_t
     worst = max(worst, ((m - d).abs().max() / d.abs().max()).item())
     x_prev, x = x, x - ETA * d
 print(f"exact STORM vs MARS momentum (gamma = 1, no clipping), 100 steps x {SEEDS} seeds:")

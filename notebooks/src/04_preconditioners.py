@@ -34,10 +34,10 @@ from mars_ref.pieces import (
     lion_direction,
     newton_schulz,
     polar_svd,
-    second_moment_,
-    momentum_,
+    second_moment,
+    momentum,
     shampoo_direction,
-    shampoo_factors_,
+    shampoo_factors,
     shampoo_scale,
 )
 
@@ -100,8 +100,8 @@ def run_both_placements(grad_scales, steps, copies=64, seed=0):
     for t in range(1, steps + 1):
         g = grad_scales[:, None] * (1.0 + 0.5 * torch.randn(n, copies, generator=gen, dtype=torch.float64))
         for k, direction in (("authors", adamw_direction), ("po", adamw_direction_pytorch_optimizer)):
-            momentum_(m[k], g, BETA1)
-            second_moment_(v[k], g, BETA2)
+            m[k] = momentum(m[k], g, BETA1)
+            v[k] = second_moment(v[k], g, BETA2)
             x[k] -= LR * direction(m[k], v[k], t, BETA1, BETA2, EPS)
         gaps.append((x["authors"] - x["po"]).abs().median(dim=1).values)
     return torch.stack(gaps)
@@ -187,8 +187,9 @@ disagree = []
 for _ in range(200):
     g = 0.2 * signal + torch.randn(10_000, generator=gen, dtype=torch.float64)  # weak signal, strong noise
     u_lion = torch.sign(torch.lerp(g, m_lion, 0.9))
-    momentum_(m_lion, g, 0.99)
-    u_mars = lion_direction(momentum_(m_mars, g, 0.9))
+    m_lion = momentum(m_lion, g, 0.99)
+    m_mars = momentum(m_mars, g, 0.9)
+    u_mars = lion_direction(m_mars)
     disagree.append((u_lion != u_mars).double().mean().item())
 late = sum(disagree[100:]) / 100
 print(f"fraction of coordinates where Lion(0.9, 0.99) and MARS-Lion(beta1=0.9) disagree in sign, "
@@ -206,7 +207,7 @@ assert 0.05 < late < 0.5
 #   u_t = L_t^{-1/4}\, M_t\, R_t^{-1/4},$$
 #
 # with inverse fourth roots by eigendecomposition, $A = Q\Lambda Q^\top \Rightarrow
-# A^{-1/4} = Q\Lambda^{-1/4}Q^\top$ (`inverse_root`, `shampoo_factors_`, `shampoo_direction`).
+# A^{-1/4} = Q\Lambda^{-1/4}Q^\top$ (`inverse_root`, `shampoo_factors`, `shampoo_direction`).
 # That is two `eigh` of $m\times m$ and $n\times n$ matrices per step: expensive.
 #
 # ### Rung 2: one-step Shampoo is $UV^\top$
@@ -229,8 +230,8 @@ gen = torch.Generator().manual_seed(2)
 worst = 0.0
 for shape in [(48, 48), (96, 32), (32, 96)]:
     M = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    L, R = shampoo_factors_(torch.zeros(shape[0], shape[0], dtype=torch.float64),
-                            torch.zeros(shape[1], shape[1], dtype=torch.float64), M)  # one step
+    L, R = shampoo_factors(torch.zeros(shape[0], shape[0], dtype=torch.float64),
+                           torch.zeros(shape[1], shape[1], dtype=torch.float64), M)  # one step
     gap = (shampoo_direction(L, R, M) - polar_svd(M)).abs().max().item()
     worst = max(worst, gap)
     print(f"{str(shape):>9}: max |L^-1/4 M R^-1/4 - U V^T| < 1e-9: {gap < 1e-9}")
@@ -347,7 +348,7 @@ def ladder(grads, momenta):
     out = {"full->one-step": [], "one-step->NS": [], "NS f64->bf16": []}
     scale = grads[0].double().norm()  # full Shampoo's direction is scale-free, its ε is not: work at scale 1
     for G, M in zip(grads, momenta, strict=True):
-        shampoo_factors_(L, R, G.double() / scale)
+        L, R = shampoo_factors(L, R, G.double() / scale)
         M = M.double()
         P = polar_svd(M)
         N64 = newton_schulz(M, 5, dtype=torch.float64)
@@ -523,7 +524,7 @@ class OrthogonalisedMomentum(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 b = self.state[p].setdefault("b", torch.zeros_like(p))
-                momentum_(b, p.grad, group["beta1"])
+                b.copy_(momentum(b, p.grad, group["beta1"]))
                 u = newton_schulz(b / (1 - group["beta1"]), 5, group["eps"], torch.float64) * shampoo_scale(p.shape)
                 p.sub_(group["lr"] * (group["weight_decay"] * p + u))
 

@@ -350,8 +350,8 @@ assert abs(sum(ablation) / len(ablation)) < 0.03  # the correction moves the res
 #    with gradient $\nabla f = \tfrac{2}{\text{numel}(B)} A^\top (AW - B)$, write
 #    `exact_mars_adamw_by_hand(W0, batches, lr, betas, gamma, eps)` that runs exact MARS-AdamW
 #    over a list of `(A, B)` minibatches with the functions of `mars_ref.pieces`
-#    (`storm_correction`, `clip_by_norm`, `momentum_`, `second_moment_`, `adamw_direction`,
-#    `decoupled_step_`), computing $\nabla f(W_{t-1}; A_t, B_t)$ yourself, and returns the final
+#    (`storm_correction`, `clip_by_norm`, `momentum`, `second_moment`, `adamw_direction`,
+#    `decoupled_step`), computing $\nabla f(W_{t-1}; A_t, B_t)$ yourself, and returns the final
 #    $W$. It must agree with `mars_ref.MARS(..., exact=True)` driven by `opt.step(closure)` to
 #    round-off in float64. Which single line changes for approximate MARS?
 # 2. **Is a difference real?** Write `paired_difference(a, b)` that, for per-seed results `a`
@@ -447,7 +447,7 @@ assert med["approx"] > 5 * med["exact"]  # approx's correction is mostly minibat
 # * the **readable** loop (default): per tensor, one small function of `mars_ref.pieces` per link of
 #   the chain, each a few torch kernels over the whole tensor; the code to read next to the paper;
 # * `foreach=True`: the same chain as grouped `torch._foreach_*` kernels over all tensors at once
-#   (`mars_ref/fast.py`; any device, the one to use on a GPU);
+#   (`mars_ref/foreach.py`; any device, the one to use on a GPU);
 # * `fused=True`: one C loop per tensor for the clipping norm and one for everything else
 #   (`mars_ref/fused.c`, compiled on first use; float32 on the CPU).
 #

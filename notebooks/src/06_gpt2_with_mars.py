@@ -156,7 +156,8 @@ model = GPT(model_config(cfg_mars, meta))
 vocab = model.config.vocab_size
 opt = make_optimizer(model, cfg_mars, "cpu")
 group_of = {p: g for g in opt.param_groups for p in g["params"]}
-on_mars = {name: group_of[p]["optimize_1d"] or p.ndim == 2 for name, p in model.named_parameters()}
+on_mars = {name: mars_ref.chain.branch(p, group_of[p]["preconditioner"], group_of[p]["optimize_1d"]) != "fallback"
+           for name, p in model.named_parameters()}  # the optimizer's own rule
 params = dict(model.named_parameters())
 print(f"{COMMON['preset']}: {cfg_mars.n_layer} layers, width {cfg_mars.n_embd}, {cfg_mars.n_head} heads, context "
       f"{cfg_mars.block_size}, vocabulary {vocab}: {model.num_params():,} parameters")

@@ -1,7 +1,7 @@
-"""The fast step (``MARS(foreach=True)``, :mod:`mars_ref.fast`) gives the readable step's parameters.
+"""The foreach step (``MARS(foreach=True)``, :mod:`mars_ref.foreach`) gives the readable step's parameters.
 
 Each test runs two optimizers side by side on two copies of the same parameters with the same
-gradients for 20 steps and compares. Tensors below ``fast.WAVE_ELEMENTS`` go through the same float
+gradients for 20 steps and compares. Tensors below ``foreach.WAVE_ELEMENTS`` go through the same float
 operations in the same order on both paths (bit-identical results); a tensor split across waves
 gets its clipping norm summed in another order, which moves a parameter by a few float32 ulps
 (measured ≤ 1e-6 after 20 steps) and can flip ``sign(m)`` of MARS-Lion where ``m`` is within rounding
@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import assert_same_state, exact_side_by_side, make_params, max_diff, run_side_by_side, set_grads
 
-from mars_ref import fast
+from mars_ref import foreach
 from mars_ref.optimizer import MARS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ PATHS = {"foreach": (dict(foreach=True), {}), "fused": (dict(fused=True), dict(a
 
 @pytest.mark.parametrize("path", PATHS)
 def test_groups_weight_decay_and_missing_grads(path):
-    """Both fast paths: three groups with different settings, some steps without a gradient."""
+    """The foreach and fused steps: three groups with different settings, some steps without a gradient."""
     flags, state_tol = PATHS[path]
     groups = [
         ([0, 1], dict(lr=2e-2, weight_decay=0.3, clip="global", gamma=0.05)),
@@ -79,7 +79,7 @@ def test_groups_weight_decay_and_missing_grads(path):
     assert A.state[pa[0]]["step"] < 20  # some steps had no gradient for that tensor
 
 
-def test_mixed_groups_readable_and_fast():
+def test_mixed_groups_readable_and_foreach():
     """foreach is per group: a group on each path in one optimizer equals the readable optimizer."""
     pa, pb = make_params(), make_params()
     A = MARS(pa, lr=1e-2)
@@ -95,8 +95,7 @@ def test_mixed_groups_readable_and_fast():
 @pytest.mark.parametrize("preconditioner", ["adamw", "lion", "shampoo"])
 def test_tensors_split_across_waves(monkeypatch, preconditioner):
     """Big tensors are cut into chunks: only the summation order of the clipping norm changes."""
-    monkeypatch.setattr(fast, "WAVE_ELEMENTS", 50)
-    monkeypatch.setattr(fast, "SEGMENT_ELEMENTS", 120)
+    monkeypatch.setattr(foreach, "WAVE_ELEMENTS", 50)
     shapes = [(40, 30), (30,), (23, 17), (5, 3, 4), (9, 9)]
     for clip in ("tensor", "global", "none"):
         # Newton–Schulz in float32: in bfloat16 (the default) an ulp of m can cross a bfloat16 rounding

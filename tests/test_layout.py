@@ -1,0 +1,110 @@
+"""The layout promises of the package: no import cycles, short functions, implementations that never see the
+optimizer, and every file the code, tests, notebooks and docs cite is in the repository."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "mars_ref"
+MODULES = {path.stem: path for path in sorted(PACKAGE.glob("*.py")) if path.stem != "__init__"}
+
+
+def imports_of(path: Path, known: set[str] | None = None) -> set[str]:
+    """The ``mars_ref`` modules a file imports, at the top or inside functions (``from . import x``,
+    ``from .x import y``, ``import mars_ref.x``, ``from mars_ref.x import y``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1 or module.startswith("mars_ref"):
+                base = module.removeprefix("mars_ref").lstrip(".")
+                if base:
+                    found.add(base.split(".")[0])
+                else:  # from . import a, b
+                    found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("mars_ref."))
+    return found & (set(MODULES) if known is None else known)
+
+
+GRAPH = {name: imports_of(path) for name, path in MODULES.items()}
+
+
+def test_import_graph_has_no_cycle():
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", f"import cycle: {' -> '.join(trail + [name])}"
+        state[name] = "open"
+        for other in sorted(GRAPH[name]):
+            visit(other, trail + [name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in GRAPH:
+        visit(name, [])
+    assert len(order) == len(GRAPH)
+
+
+def test_import_checker_sees_imports_inside_functions(tmp_path):
+    """The checker itself: a lazy import inside a function counts (else the test above could not fail)."""
+    (tmp_path / "a.py").write_text("from . import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from .a import g\n")
+    (tmp_path / "c.py").write_text("import mars_ref.a\nfrom mars_ref.b import x\n")
+    known = {"a", "b", "c"}
+    assert imports_of(tmp_path / "a.py", known) == {"b"} and imports_of(tmp_path / "b.py", known) == {"a"}
+    assert imports_of(tmp_path / "c.py", known) == {"a", "b"}
+
+
+@pytest.mark.parametrize("implementation", ["readable", "foreach", "fused"])
+def test_implementations_never_see_the_optimizer(implementation):
+    """The three step implementations take tensors and numbers: they import neither the optimizer nor the
+    functional entry that dispatches to them."""
+    assert not GRAPH[implementation] & {"optimizer", "functional", "variance", "train"}, GRAPH[implementation]
+    source = MODULES[implementation].read_text()
+    assert "self.state" not in source and "param_groups" not in source
+
+
+def test_functions_are_short():
+    """No function in mars_ref is over 80 lines (the loop of train.py included)."""
+    long = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    long.append(f"{name}.{node.name}: {length} lines")
+    assert not long, long
+
+
+# Paths inside the repository as the text cites them, e.g. `docs/algorithm.md` or mars_ref/fused.c.
+CITED = re.compile(r"(?<![\w/.-])((?:docs|mars_ref|benchmarks|notebooks|tests|scripts)/[\w./-]*\w\.(?:py|md|c|json|"
+                   r"png|svg|txt|ipynb|cfg|toml|yml))")
+SOURCES = [*PACKAGE.glob("*.py"), PACKAGE / "fused.c", *(ROOT / "tests").glob("*.py"),
+           *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "benchmarks").glob("*.md"), *(ROOT / "scripts").glob("*.py"),
+           *(ROOT / "notebooks" / "src").glob("*.py"), *(ROOT / "notebooks" / "solutions").glob("*.py"),
+           *(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "notebooks" / "README.md", ROOT / "Makefile"]
+
+
+def test_every_cited_file_exists():
+    missing = []
+    for source in SOURCES:
+        if not source.exists():
+            continue
+        for cited in CITED.findall(source.read_text()):
+            if not (ROOT / cited).exists():
+                missing.append(f"{source.relative_to(ROOT)} cites {cited}")
+    assert not missing, missing
+
+
+def test_the_citation_scan_finds_paths():
+    text = "see `docs/algorithm.md` §3, mars_ref/fused.c and (notebooks/figures/x.png); not http://a/docs/b.md"
+    assert CITED.findall(text) == ["docs/algorithm.md", "mars_ref/fused.c", "notebooks/figures/x.png"]
