@@ -296,7 +296,9 @@ def checked_norms(norms: list[Tensor], t: Tensors, s: Settings, where: str) -> l
     """The norms, once each is known finite; else raise naming the first tensor whose gradient (or previous
     gradient) has a NaN or inf. A norm that overflowed although its inputs are finite (float32 squares
     overflow above ~1.8e19) is recomputed in float64, so every implementation clips it alike."""
-    if _all_finite(norms):
+    if torch.compiler.is_compiling() or _all_finite(norms):
+        # Compiled (torch.compile), the step has no host synchronisation, so no check can raise from
+        # inside it: as torch's own optimizers, it trusts its gradients (check the loss, or use GradScaler).
         return norms
     norms = list(norms)
     for i, n in enumerate(norms):

@@ -2,8 +2,8 @@
 
 With no flags this trains the ``cpu-tiny`` preset (4 layers × 128, character-level
 Shakespeare, prepared offline on first use) with MARS-AdamW on the CPU for about two
-minutes. ``--preset gpt2-small`` is the paper's GPT-2 small recipe on OpenWebText (§9 of
-``docs/mars-algorithm.md``); under ``torchrun`` it trains with DistributedDataParallel.
+minutes. ``--preset gpt2-small`` is the paper's GPT-2 small recipe on OpenWebText ("The paper's
+numbers" in ``docs/algorithm.md``); under ``torchrun`` it trains with DistributedDataParallel.
 
 The recipe, for every optimizer:
 
@@ -28,6 +28,10 @@ and the config.
 
 Outputs in ``--out-dir`` (``runs/<preset>-<optimizer>`` by default): ``config.json``,
 ``metrics.jsonl`` (one JSON object per log / eval / variance measurement) and ``ckpt.pt``.
+
+``train`` (at the end of this file) is the whole run, in order: ``setup_run``, then for each step
+``train_step`` (which calls ``closure``), ``log_train``, ``log_eval`` and ``write_checkpoint``, then
+``sample_text``. The run's live objects travel between them in one ``Run``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ import random
 import sys
 import time
 import typing
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -54,6 +59,7 @@ from .baselines import Lion, Muon
 from .model import GPT, GPTConfig
 from .model import preset as model_preset
 from .optimizer import MARS
+from .variance import VarianceProbe
 
 OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo")
 STEP_IMPLS = ("readable", "foreach", "fused")  # MARS(foreach=...) / MARS(fused=...)
@@ -124,7 +130,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, mps"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA), float32, bfloat16"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (and MARS's readable or "
+                                                   "foreach step in approx mode)"})
 
 
 # The run shapes. CPU presets train character-level Shakespeare in about two minutes.
@@ -151,6 +158,7 @@ _MUON = dict(beta1=0.95, beta2=0.95, weight_decay=0.0, grad_clip=1.0)
 
 
 def _gpt2_recipe(mars_lr, lr_1d, adamw_lr, min_lr, muon_lr):
+    """The six optimizers' hyperparameters for one GPT-2 size, from its MARS, AdamW and Muon learning rates."""
     return {
         "mars-adamw": dict(_MARS, lr=mars_lr, lr_1d=lr_1d, min_lr=min_lr),
         # MARS-Lion and MARS-Shampoo at GPT-2 scale: not in the paper's table; set like Lion and Muon.
@@ -162,7 +170,7 @@ def _gpt2_recipe(mars_lr, lr_1d, adamw_lr, min_lr, muon_lr):
     }
 
 
-# (preset, optimizer) -> optimizer hyperparameters. GPT-2 rows: §9 of docs/mars-algorithm.md.
+# (preset, optimizer) -> optimizer hyperparameters. GPT-2 rows: "The paper's numbers" in docs/algorithm.md.
 OPTIM_RECIPES: dict[str, dict[str, dict]] = {
     "gpt2-small": _gpt2_recipe(mars_lr=6e-3, lr_1d=3e-3, adamw_lr=6e-4, min_lr=3e-5, muon_lr=2e-2),
     "gpt2-medium": _gpt2_recipe(mars_lr=3e-3, lr_1d=1.5e-3, adamw_lr=3e-4, min_lr=6e-5, muon_lr=1e-2),
@@ -256,6 +264,7 @@ class Dist:
 
     @property
     def master(self) -> bool:
+        """Rank 0: the process that prints, logs and writes files."""
         return self.rank == 0
 
 
@@ -283,6 +292,24 @@ def pick_device(name: str, d: Dist) -> str:
     return name
 
 
+def gather(obj, d: Dist) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (a collective under torchrun)."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_mean(x: torch.Tensor, d: Dist) -> float:
+    """The mean over all processes of a scalar tensor (a collective under torchrun)."""
+    if d.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= d.world
+    return x.item()
+
+
 def autocast_context(device: str, dtype: str):
     """bfloat16 autocast on CUDA when ``dtype`` is auto or bfloat16; plain float32 elsewhere."""
     kind = device.split(":")[0]
@@ -302,6 +329,7 @@ class Batches:
     """Micro-batches as a pure function of (seed, stream, step, index): no sampler state to lose."""
 
     def __init__(self, data_path: Path, seed: int, block_size: int, batch_size: int, device: str):
+        """Memory-map the train and val splits of a prepared data set (each must hold one window at least)."""
         self.splits = {s: np.memmap(data_path / f"{s}.bin", dtype=np.uint16, mode="r")
                        for s in ("train", "val")}
         for s, tokens in self.splits.items():
@@ -368,6 +396,7 @@ def lr_factor(cfg: TrainConfig):
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
 
     def factor(it: int) -> float:
+        """The multiplier for step ``it``."""
         if it < cfg.warmup_iters:
             return (it + 1) / cfg.warmup_iters
         if it >= cfg.lr_decay_iters:
@@ -379,8 +408,6 @@ def lr_factor(cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -448,6 +475,7 @@ def rng_states(device: str) -> dict:
 
 
 def set_rng_states(states: dict, device: str) -> None:
+    """Restore what ``rng_states`` returned (the CUDA state only on a CUDA device)."""
     torch.set_rng_state(states["torch"])
     if states.get("cuda") is not None and device.startswith("cuda"):
         torch.cuda.set_rng_state(states["cuda"], device)
@@ -469,245 +497,366 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
     return records
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the run
 
 
-def train(cfg: TrainConfig, given: dict | None = None) -> dict:
-    """Run (or resume) one training run. Returns a summary dict (last losses, steps, seconds)."""
-    given = given or {}
+@dataclass
+class Run:
+    """The live objects of one training run, shared by the set-up, the step, evaluation and checkpoints."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: str
+    out_dir: Path
+    meta: dict  # the data set's meta.json (vocabulary, tokenizer)
+    raw_model: GPT  # the bare model: evaluation, sampling, checkpoints, clipping
+    model: torch.nn.Module  # what the training step calls: raw_model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    optimizer_step: Callable  # optimizer.step, compiled with --compile where it can be (see compile_step)
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batches: Batches
+    autocast: AbstractContextManager  # torch.autocast, or a nullcontext for float32
+    my_micro: list[int]  # this process's share of each global batch
+    start_step: int  # steps done before this process started (the checkpoint's step; 0 for a new run)
+    elapsed: float  # seconds the run took before this process started (from the checkpoint)
+    grad_evals: int  # closure calls so far, over all resumptions: one full-batch gradient each
+    variance: VarianceProbe | None = None  # rank 0's probe, with --variance-every
+    bar: tqdm | None = None
+    t_start: float = 0.0  # time.perf_counter() when this process started training
+    variance_seconds: float = 0.0  # spent in the probe since t_start: kept off the clock
+    # The step in progress (0-based), and what its first closure call found.
+    step: int = 0
+    calls: int = 0  # closure calls in this step: 1, or 2 for exact MARS after the first step
+    loss: torch.Tensor | None = None  # this process's mean loss over its micro-batches at x_t
+    norm: torch.Tensor | None = None  # the global gradient norm at x_t, before clipping (None: no clipping)
+    # Throughput for the progress bar: tokens/s since the last "train" record.
+    window_step: int = 0
+    window_t: float = 0.0
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one global batch (all micro-batches of all processes)."""
+        return self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
+
+    @property
+    def ckpt_path(self) -> Path:
+        """Where the run's checkpoint is written (and read from on --resume)."""
+        return self.out_dir / "ckpt.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        """The run's metrics.jsonl."""
+        return self.out_dir / "metrics.jsonl"
+
+    def clock(self) -> float:
+        """Wall-clock seconds of the run so far, over all resumptions: training, evaluations and
+        checkpoints, not the variance probe."""
+        return self.elapsed + time.perf_counter() - self.t_start - self.variance_seconds
+
+    def log(self, record: dict) -> None:
+        """Append one record to metrics.jsonl (rank 0 only)."""
+        if self.d.master:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def setup_run(cfg: TrainConfig, given: dict) -> Run:
+    """Everything before the first step: processes, config, data, model, optimizer, resumed state, output files."""
     d = setup_distributed(pick_device(cfg.device, Dist()))
-    device = pick_device(cfg.device, d)
     cfg = resolve(cfg)
+    # This command line's run directory: a resumed run continues here, wherever its config says it started.
     out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = TrainConfig(**ckpt["config"])
-        # The saved config, with the flags given on this command line on top (say what changed).
-        overrides = {k: v for k, v in given.items() if k != "resume" and getattr(saved, k) != v}
-        if overrides and d.master:
-            print(f"resume: overriding the checkpoint's config with {overrides}")
-        cfg = replace(saved, **overrides, resume=True)
-        device = pick_device(cfg.device, d)
-    elif ckpt_path.exists() and d.master:
-        print(f"note: starting a new run in {out_dir}; its checkpoint will be overwritten "
-              "(--resume continues it instead)")
+    cfg, ckpt = resume_config(cfg, given, out_dir, d)
+    device = pick_device(cfg.device, d)
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # NCCL collectives (and all_gather_object) use the current device
     if cfg.grad_accum % d.world:
         raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size ({d.world})")
 
     data_path, meta = prepare_data(cfg, d)
-    model_cfg = model_config(cfg, meta)
-    vocab_size = model_cfg.vocab_size
+    raw_model, optimizer, scheduler = build_model(cfg, meta, d, device)
+    start_step, elapsed, grad_evals = 0, 0.0, 0
+    if ckpt is not None:
+        start_step, elapsed, grad_evals = restore(ckpt, raw_model, optimizer, scheduler, d, device)
+        del ckpt  # free its copy of the weights and optimizer state before training
 
+    model = wrap_model(raw_model, cfg, d, device)
+    batches = Batches(data_path, cfg.seed, cfg.block_size, cfg.batch_size, device)
+    autocast = autocast_context(device, cfg.dtype)
+    run = Run(cfg=cfg, d=d, device=device, out_dir=out_dir, meta=meta, raw_model=raw_model, model=model,
+              optimizer=optimizer, optimizer_step=compile_step(optimizer, cfg), scheduler=scheduler,
+              batches=batches, autocast=autocast,
+              my_micro=list(range(d.rank, cfg.grad_accum, d.world)), start_step=start_step, elapsed=elapsed,
+              grad_evals=grad_evals)
+    if d.master:
+        write_run_files(run)
+    if cfg.variance_every > 0 and d.master:
+        run.variance = make_variance_probe(run)
+    run.bar = progress_bar(cfg, start_step, d)
+    run.t_start = time.perf_counter()
+    return run
+
+
+def resume_config(cfg: TrainConfig, given: dict, out_dir: Path, d: Dist) -> tuple[TrainConfig, dict | None]:
+    """The run's config and, with --resume, its checkpoint (whose config the given flags override)."""
+    ckpt_path = out_dir / "ckpt.pt"
+    if not cfg.resume:
+        if ckpt_path.exists() and d.master:
+            print(f"note: starting a new run in {out_dir}; its checkpoint will be overwritten "
+                  "(--resume continues it instead)")
+        return cfg, None
+    ckpt = load_checkpoint(ckpt_path)
+    saved = TrainConfig(**ckpt["config"])
+    # The saved config, with the flags given on this command line on top (say what changed).
+    overrides = {k: v for k, v in given.items() if k != "resume" and getattr(saved, k) != v}
+    if overrides and d.master:
+        print(f"resume: overriding the checkpoint's config with {overrides}")
+    return replace(saved, **overrides, resume=True), ckpt
+
+
+def build_model(cfg: TrainConfig, meta: dict, d: Dist, device: str
+                ) -> tuple[GPT, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """A freshly initialised model on ``device``, its optimizer and the lr schedule."""
     # Same initial weights on every process (DDP also broadcasts rank 0's), then one dropout stream each.
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
+    model = GPT(model_config(cfg, meta)).to(device)
     torch.manual_seed(cfg.seed + 1 + d.rank)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    return model, optimizer, scheduler
 
-    start_step, elapsed, grad_evals = 0, 0.0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_step = ckpt["step"]
-        elapsed, grad_evals = ckpt["metrics"]["elapsed"], ckpt["metrics"]["grad_evals"]
-        per_rank = ckpt["rng"]
-        if len(per_rank) == d.world:
-            set_rng_states(per_rank[d.rank], device)
-        elif d.master:
-            print(f"resume: checkpoint written by {len(per_rank)} processes, now {d.world}: "
-                  "dropout random streams start afresh")
-        del ckpt
 
-    raw_model = model
+def restore(ckpt: dict, model: GPT, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LambdaLR, d: Dist, device: str) -> tuple[int, float, int]:
+    """Load a checkpoint into the run's objects and this process's RNGs: (step, elapsed seconds, grad_evals)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    per_rank = ckpt["rng"]
+    if len(per_rank) == d.world:
+        set_rng_states(per_rank[d.rank], device)
+    elif d.master:
+        print(f"resume: checkpoint written by {len(per_rank)} processes, now {d.world}: "
+              "dropout random streams start afresh")
+    return ckpt["step"], ckpt["metrics"]["elapsed"], ckpt["metrics"]["grad_evals"]
+
+
+def wrap_model(model: GPT, cfg: TrainConfig, d: Dist, device: str) -> torch.nn.Module:
+    """The model the training step calls: compiled with --compile, in DistributedDataParallel under torchrun."""
     if cfg.compile:
         model = torch.compile(model)
     if d.world > 1:
         # MARS copies g_prev out of .grad, so DDP may reuse its buckets as the .grad tensors.
         model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None,
                     gradient_as_bucket_view=True)
+    return model
 
-    batches = Batches(data_path, cfg.seed, cfg.block_size, cfg.batch_size, device)
-    autocast = autocast_context(device, cfg.dtype)
-    my_micro = list(range(d.rank, cfg.grad_accum, d.world))  # this process's share of each global batch
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
 
-    metrics_path = out_dir / "metrics.jsonl"
-    if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # A resumed run rewrites what the killed run logged after its last checkpoint.
-        kept = read_metrics(metrics_path, up_to_step=start_step) if start_step > 0 else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        (out_dir / "config.json").write_text(json.dumps(
-            {**asdict(cfg), "world_size": d.world, "device": device, "vocab_size": vocab_size,
-             "n_params": raw_model.num_params(), "tokens_per_step": tokens_per_step}, indent=2) + "\n")
+def compile_step(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Callable:
+    """``optimizer.step``, compiled with --compile for MARS's readable and foreach steps in approx mode (one graph,
+    no recompilation after the first steps: tests/test_compile.py); as it is otherwise (the fused step is C,
+    exact mode calls a closure with a backward pass, the baselines' steps are torch's or short loops)."""
+    if cfg.compile and isinstance(optimizer, MARS) and cfg.step_impl != "fused" and not cfg.exact:
+        return torch.compile(optimizer.step)
+    return optimizer.step
 
-    def log(record: dict) -> None:
-        if d.master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def all_mean(x: torch.Tensor) -> float:
-        if d.world > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-            x /= d.world
-        return x.item()
+def write_run_files(run: Run) -> None:
+    """Create the run directory, start metrics.jsonl (keeping a resumed run's records) and write config.json."""
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    # A resumed run rewrites what the killed run logged after its last checkpoint.
+    kept = read_metrics(run.metrics_path, up_to_step=run.start_step) if run.start_step > 0 else []
+    run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (run.out_dir / "config.json").write_text(json.dumps(
+        {**asdict(run.cfg), "world_size": run.d.world, "device": run.device,
+         "vocab_size": run.raw_model.config.vocab_size, "n_params": run.raw_model.num_params(),
+         "tokens_per_step": run.tokens_per_step}, indent=2) + "\n")
 
-    @torch.no_grad()
-    def val_loss() -> float:
-        """Mean loss on the same ``eval_iters`` validation micro-batches every time (split over processes)."""
-        raw_model.eval()
-        total = torch.zeros((), device=device)
-        for k in range(d.rank, cfg.eval_iters, d.world):
-            x, y = batches.get("val", VAL_STREAM, 0, k)
-            with autocast:
-                total += raw_model(x, y)[1].float()
-        raw_model.train()
-        if d.world > 1:
-            dist.all_reduce(total)
-        return total.item() / cfg.eval_iters
 
-    variance = None
-    if cfg.variance_every > 0 and d.master:
-        from .variance import VarianceProbe
+def make_variance_probe(run: Run) -> VarianceProbe:
+    """The variance probe, with its fixed held-out micro-batches (a random stream of their own)."""
+    held_out = [run.batches.get("train", HELDOUT_STREAM, 0, k) for k in range(run.cfg.variance_batches)]
+    return VarianceProbe(run.raw_model, run.optimizer, run.cfg, held_out, run.autocast)
 
-        held_out = [batches.get("train", HELDOUT_STREAM, 0, k) for k in range(cfg.variance_batches)]
-        variance = VarianceProbe(raw_model, optimizer, cfg, held_out, autocast)
 
-    state = {"step": start_step, "calls": 0, "loss": None, "norm": None, "variance_seconds": 0.0}
-
-    def closure() -> torch.Tensor:
-        """Gradient of the step's global batch at the current parameters: zero, accumulate, clip."""
-        nonlocal grad_evals
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for i, j in enumerate(my_micro):
-            x, y = batches.get("train", TRAIN_STREAM, state["step"], j)
-            sync = model.no_sync() if d.world > 1 and i < len(my_micro) - 1 else nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(x, y)
-                (loss / len(my_micro)).backward()
-            loss_sum += loss.detach().float()
-        norm = None
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        grad_evals += 1
-        state["calls"] += 1
-        loss = loss_sum / len(my_micro)
-        if state["calls"] == 1:  # the gradient at x_t: what we log and what the variance probe measures
-            state["loss"], state["norm"] = loss, norm
-            if variance is not None and (state["step"] + 1) % cfg.variance_every == 0:
-                t0 = time.perf_counter()
-                step_batches = lambda: [batches.get("train", TRAIN_STREAM, state["step"], j)
-                                        for j in range(cfg.grad_accum)]  # the whole global batch
-                record = variance.measure(state["step"] + 1, norm, cfg.grad_clip, step_batches)
-                state["variance_seconds"] += time.perf_counter() - t0
-                done = state["step"] + 1
-                log({"kind": "variance", "step": done, "tokens": done * tokens_per_step, "time": clock(),
-                     **record})
-        return loss
-
+def progress_bar(cfg: TrainConfig, start_step: int, d: Dist) -> tqdm:
+    """A tqdm bar over the run's steps, on rank 0, unless TQDM_DISABLE is set."""
     # tqdm reads TQDM_* variables when it is imported; read TQDM_DISABLE now, so setting it later works too.
     quiet = os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
-    bar = tqdm(total=cfg.max_iters, initial=start_step, desc=f"{cfg.preset} {cfg.optimizer}", unit="step",
-               dynamic_ncols=True, disable=quiet or not d.master)
-    t_start = time.perf_counter()
+    return tqdm(total=cfg.max_iters, initial=start_step, desc=f"{cfg.preset} {cfg.optimizer}", unit="step",
+                dynamic_ncols=True, disable=quiet or not d.master)
 
-    def clock() -> float:
-        """Wall-clock seconds of the run so far, over all resumptions: training, evaluations and
-        checkpoints, not the variance probe."""
-        return elapsed + time.perf_counter() - t_start - state["variance_seconds"]
 
-    if start_step >= cfg.max_iters and d.master:
-        print(f"{out_dir}: already at step {start_step} of {cfg.max_iters}; raise --max-iters to train on")
-    if start_step == 0 and cfg.eval_interval > 0:
-        v = val_loss()
-        log({"kind": "eval", "step": 0, "tokens": 0, "time": clock(), "train_loss": None, "val_loss": v,
-             "lr": optimizer.param_groups[0]["lr"], "grad_evals": 0})
+# ----------------------------------------------------------------------------- the step
 
-    last_val, loss_value = None, None
-    window_tokens, window_t = 0, time.perf_counter()
-    for step in range(start_step, cfg.max_iters):
-        state["step"], state["calls"] = step, 0
-        lr = optimizer.param_groups[0]["lr"]
-        if cfg.exact:
-            optimizer.step(closure)
-        else:
-            closure()
-            optimizer.step()
-        scheduler.step()
+
+def train_step(run: Run, step: int) -> None:
+    """Step ``step`` (0-based): the gradient of its global batch, the optimizer's update, the schedule's."""
+    run.step, run.calls = step, 0
+    if run.cfg.exact:
+        run.optimizer.step(lambda: closure(run))  # MARS calls it at x_t, then again at x_{t-1}
+    else:
+        closure(run)
+        run.optimizer_step()
+    run.scheduler.step()
+
+
+def closure(run: Run) -> torch.Tensor:
+    """Gradient of the step's global batch at the current parameters: zero, accumulate, clip. Returns the loss."""
+    cfg, n_micro = run.cfg, len(run.my_micro)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=run.device)
+    for i, j in enumerate(run.my_micro):
+        x, y = run.batches.get("train", TRAIN_STREAM, run.step, j)
+        # Under DDP, all-reduce the gradients once: on the backward of the last micro-batch.
+        sync = run.model.no_sync() if run.d.world > 1 and i < n_micro - 1 else nullcontext()
+        with sync:
+            with run.autocast:
+                _, loss = run.model(x, y)
+            (loss / n_micro).backward()
+        loss_sum += loss.detach().float()
+    norm = None
+    if cfg.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    run.grad_evals += 1
+    run.calls += 1
+    loss = loss_sum / n_micro
+    if run.calls == 1:  # the gradient at x_t: what we log and what the variance probe measures
+        run.loss, run.norm = loss, norm
+        if run.variance is not None and (run.step + 1) % cfg.variance_every == 0:
+            probe_variance(run, norm)
+    return loss
+
+
+def probe_variance(run: Run, norm: torch.Tensor | None) -> None:
+    """Measure the gradient estimates' errors at this step and log them; the time taken is kept off the clock."""
+    t0 = time.perf_counter()
+    step, done = run.step, run.step + 1
+    record = run.variance.measure(done, norm, run.cfg.grad_clip, lambda: global_batch(run, step))
+    run.variance_seconds += time.perf_counter() - t0
+    run.log({"kind": "variance", "step": done, "tokens": done * run.tokens_per_step, "time": run.clock(),
+             **record})
+
+
+def global_batch(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """All micro-batches of step ``step``, every process's share."""
+    return [run.batches.get("train", TRAIN_STREAM, step, j) for j in range(run.cfg.grad_accum)]
+
+
+# ----------------------------------------------------------------------------- evaluation, logs, checkpoints
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss on the same ``eval_iters`` validation micro-batches every time (split over processes)."""
+    run.raw_model.eval()
+    total = torch.zeros((), device=run.device)
+    for k in range(run.d.rank, run.cfg.eval_iters, run.d.world):
+        x, y = run.batches.get("val", VAL_STREAM, 0, k)
+        with run.autocast:
+            total += run.raw_model(x, y)[1].float()
+    run.raw_model.train()
+    if run.d.world > 1:
+        dist.all_reduce(total)
+    return total.item() / run.cfg.eval_iters
+
+
+def log_train(run: Run, done: int, lr: float) -> float:
+    """Log a "train" record after ``done`` steps and show loss and tokens/s on the bar; returns the loss."""
+    loss = all_mean(run.loss, run.d)
+    now = time.perf_counter()
+    tok_s = (done - run.window_step) * run.tokens_per_step / max(now - run.window_t, 1e-9)
+    run.window_step, run.window_t = done, now
+    norm = run.norm.item() if run.norm is not None else None
+    run.log({"kind": "train", "step": done, "tokens": done * run.tokens_per_step, "time": run.clock(),
+             "train_loss": loss, "lr": lr, "grad_norm": norm, "grad_evals": run.grad_evals})
+    run.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+    return loss
+
+
+def log_eval(run: Run, done: int, lr: float, train_loss: float | None) -> float:
+    """Evaluate after ``done`` steps, log an "eval" record and print it (not at step 0); returns the val loss."""
+    val_loss = evaluate(run)
+    run.log({"kind": "eval", "step": done, "tokens": done * run.tokens_per_step, "time": run.clock(),
+             "train_loss": train_loss, "val_loss": val_loss, "lr": lr, "grad_evals": run.grad_evals})
+    if done > 0 and run.d.master:
+        run.bar.write(f"step {done}: val loss {val_loss:.4f}, train loss {train_loss:.4f}, {run.clock():.1f} s")
+    return val_loss
+
+
+def write_checkpoint(run: Run, done: int) -> None:
+    """Checkpoint the run after ``done`` steps (every process's RNG states; rank 0 writes the file)."""
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "step": done, "config": asdict(run.cfg),
+        "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "data": {"sampler": "numpy default_rng((seed, stream, step, micro-batch))", "seed": run.cfg.seed,
+                 "next_step": done},
+        "rng": gather(rng_states(run.device), run.d),
+        "metrics": {"elapsed": run.clock(), "grad_evals": run.grad_evals, "tokens": done * run.tokens_per_step},
+    }
+    if run.d.master:
+        save_checkpoint(run.ckpt_path, checkpoint)
+
+
+def sample_text(run: Run) -> str:
+    """``sample_tokens`` characters or tokens from the trained model, prompted with a newline."""
+    from . import data
+
+    tokenizer = data.get_tokenizer(run.meta)
+    try:
+        prompt = tokenizer.encode("\n")
+    except (KeyError, ValueError):  # a character vocabulary without a newline
+        prompt = [0]
+    start = torch.tensor([prompt], dtype=torch.long, device=run.device)
+    out = run.raw_model.generate(start, run.cfg.sample_tokens, temperature=0.8, top_k=50,
+                                 generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
+    return tokenizer.decode(out[0].tolist())
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, given: dict | None = None) -> dict:
+    """Run (or resume) one training run. Returns a summary dict (last losses, steps, seconds)."""
+    run = setup_run(cfg, given or {})
+    cfg, d = run.cfg, run.d
+    if run.start_step >= cfg.max_iters and d.master:
+        print(f"{run.out_dir}: already at step {run.start_step} of {cfg.max_iters}; raise --max-iters to train on")
+    if run.start_step == 0 and cfg.eval_interval > 0:
+        log_eval(run, 0, run.optimizer.param_groups[0]["lr"], train_loss=None)  # the untrained model
+
+    val_loss, train_loss = None, None
+    run.window_step, run.window_t = run.start_step, time.perf_counter()
+    for step in range(run.start_step, cfg.max_iters):
+        lr = run.optimizer.param_groups[0]["lr"]  # this step's: the scheduler moves it at the end of the step
+        train_step(run, step)
         done = step + 1
-        window_tokens += tokens_per_step
-
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            loss_value = all_mean(state["loss"])
-            now = time.perf_counter()
-            tok_s = window_tokens / max(now - window_t, 1e-9)
-            window_tokens, window_t = 0, now
-            norm = state["norm"].item() if state["norm"] is not None else None
-            log({"kind": "train", "step": done, "tokens": done * tokens_per_step, "time": clock(),
-                 "train_loss": loss_value, "lr": lr, "grad_norm": norm, "grad_evals": grad_evals})
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            train_loss = log_train(run, done, lr)
         if cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
-            loss_value = all_mean(state["loss"])
-            last_val = val_loss()
-            log({"kind": "eval", "step": done, "tokens": done * tokens_per_step, "time": clock(),
-                 "train_loss": loss_value, "val_loss": last_val, "lr": lr, "grad_evals": grad_evals})
-            if d.master:
-                bar.write(f"step {done}: val loss {last_val:.4f}, train loss {loss_value:.4f}, "
-                          f"{clock():.1f} s")
+            train_loss = all_mean(run.loss, d)
+            val_loss = log_eval(run, done, lr, train_loss)
         if (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0) or done == cfg.max_iters:
-            checkpoint = {
-                "format": CHECKPOINT_FORMAT, "step": done, "config": asdict(cfg),
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "data": {"sampler": "numpy default_rng((seed, stream, step, micro-batch))", "seed": cfg.seed,
-                         "next_step": done},
-                "rng": gather(rng_states(device), d),
-                "metrics": {"elapsed": clock(), "grad_evals": grad_evals, "tokens": done * tokens_per_step},
-            }
-            if d.master:
-                save_checkpoint(ckpt_path, checkpoint)
-        bar.update(1)
-    bar.close()
+            write_checkpoint(run, done)
+        run.bar.update(1)
+    run.bar.close()
 
-    summary = {"steps": cfg.max_iters, "val_loss": last_val, "train_loss": loss_value, "seconds": clock(),
-               "grad_evals": grad_evals, "out_dir": str(out_dir)}
+    summary = {"steps": cfg.max_iters, "val_loss": val_loss, "train_loss": train_loss, "seconds": run.clock(),
+               "grad_evals": run.grad_evals, "out_dir": str(run.out_dir)}
     if d.master and cfg.sample_tokens > 0:
-        from . import data
-
-        tokenizer = data.get_tokenizer(meta)
-        try:
-            prompt = tokenizer.encode("\n")
-        except (KeyError, ValueError):  # a character vocabulary without a newline
-            prompt = [0]
-        start = torch.tensor([prompt], dtype=torch.long, device=device)
-        out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50,
-                                 generator=torch.Generator(device).manual_seed(cfg.seed))
-        summary["sample"] = tokenizer.decode(out[0].tolist())
+        summary["sample"] = sample_text(run)
         print("---- sample ----\n" + summary["sample"] + "\n----------------")
     if d.master:
-        print(f"done: {cfg.max_iters} steps, val loss {last_val}, {summary['seconds']:.1f} s, in {out_dir}")
+        print(f"done: {cfg.max_iters} steps, val loss {val_loss}, {summary['seconds']:.1f} s, in {run.out_dir}")
     return summary
 
 
-def gather(obj, d: Dist) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every process (a collective under torchrun)."""
-    if d.world == 1:
-        return [obj]
-    out = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The command line: train, and report a config or checkpoint error without a traceback (exit status 2)."""
     cfg, given = parse_args(argv)
     try:
         train(cfg, given)

@@ -88,7 +88,8 @@ def test_functions_are_short():
 # Paths inside the repository as the text cites them, e.g. `docs/algorithm.md` or mars_ref/fused.c.
 CITED = re.compile(r"(?<![\w/.-])((?:docs|mars_ref|benchmarks|notebooks|tests|scripts)/[\w./-]*\w\.(?:py|md|c|json|"
                    r"png|svg|txt|ipynb|cfg|toml|yml))")
-SOURCES = [*PACKAGE.glob("*.py"), PACKAGE / "fused.c", *(ROOT / "tests").glob("*.py"),
+SOURCES = [*PACKAGE.glob("*.py"), PACKAGE / "fused.c",
+           *(p for p in (ROOT / "tests").glob("*.py") if p.name != "test_layout.py"),
            *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "benchmarks").glob("*.md"), *(ROOT / "scripts").glob("*.py"),
            *(ROOT / "notebooks" / "src").glob("*.py"), *(ROOT / "notebooks" / "solutions").glob("*.py"),
            *(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "notebooks" / "README.md", ROOT / "Makefile"]
@@ -100,7 +101,7 @@ def test_every_cited_file_exists():
         if not source.exists():
             continue
         for cited in CITED.findall(source.read_text()):
-            if not (ROOT / cited).exists():
+            if "NN_" not in cited and not (ROOT / cited).exists():  # NN_name: a pattern, not a file
                 missing.append(f"{source.relative_to(ROOT)} cites {cited}")
     assert not missing, missing
 
