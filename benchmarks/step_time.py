@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                 # GPT-2 small: 124.5M parameters, 148 tensors
     python benchmarks/step_time.py --small         # a quick smoke run on a tiny parameter set
+    python benchmarks/step_time.py --baseline DIR  # also time the MARS of another checkout (before/after)
 
 The parameters are built from GPT-2 small's shapes (nanoGPT layout, GPT-2's own biases: the 148
 tensors are wte 50304×768, tied with the head, so no separate lm_head; wpe 1024×768; per layer
@@ -21,6 +22,10 @@ arrays per parameter) and one that moves those of fused MARS-AdamW (11: a first 
 g_prev for the clipping norm, then 5 reads and 4 writes). Their ratio is the floor of "MARS-AdamW
 step / AdamW step" on this machine when both are limited by memory bandwidth.
 
+``--baseline DIR`` loads ``DIR/mars_ref`` (another checkout of this repository, e.g. a
+``git worktree`` of an older commit) as a second package and adds its readable, foreach and fused
+MARS-AdamW rows, interleaved with the others, with per-round ratios "this checkout / baseline".
+
 ``pytorch-optimizer`` (PyPI) is not a dependency of mars_ref: install it for its row
 (``pip install pytorch-optimizer``); without it that row is skipped.
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import statistics
 import sys
@@ -91,7 +97,7 @@ def optimizers(params) -> list[tuple[str, object]]:
 
 TRAFFIC_ADAMW = "memory traffic only: AdamW's 7 arrays"
 TRAFFIC_MARS = "memory traffic only: MARS-AdamW's 11 arrays"
-#: (row, reference row, what the issue asks): printed as per-round ratios after the table
+#: (row, reference row, the target set for it): printed as per-round ratios after the table
 TARGETS = [
     ("MARS-AdamW fused", "torch AdamW fused", "   target ≤ 1.5"),
     (TRAFFIC_MARS, TRAFFIC_ADAMW, "   the bandwidth floor of the line above"),
@@ -100,6 +106,27 @@ TARGETS = [
     ("MARS-Lion fused", "torch AdamW fused", ""),
     ("MARS-AdamW readable", "pytorch-optimizer MARS", "   target ≤ 1"),
 ]
+
+
+def baseline_optimizers(params, checkout: Path) -> list[tuple[str, object]]:
+    """The MARS-AdamW rows of another checkout's ``mars_ref``, imported under the name ``mars_baseline``."""
+    init = checkout / "mars_ref" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {checkout}: no mars_ref/__init__.py there (give a checkout of this repository)")
+    spec = importlib.util.spec_from_file_location("mars_baseline", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mars_baseline"] = module
+    spec.loader.exec_module(module)
+    Baseline = module.MARS  # noqa: N806
+    return [
+        ("baseline MARS-AdamW readable", lambda: Baseline(params, lr=3e-3)),
+        ("baseline MARS-AdamW foreach", lambda: Baseline(params, lr=3e-3, foreach=True)),
+        ("baseline MARS-AdamW fused", lambda: Baseline(params, lr=3e-3, fused=True)),
+    ]
+
+
+BASELINE_TARGETS = [(f"MARS-AdamW {impl}", f"baseline MARS-AdamW {impl}", "   this checkout / baseline")
+                    for impl in ("readable", "foreach", "fused")]
 
 
 class Traffic:
@@ -155,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (state allocation, caches)")
     ap.add_argument("--small", action="store_true", help="a tiny parameter set (2 layers × 64, vocab 512)")
     ap.add_argument("--no-shampoo", action="store_true", help="skip the two MARS-Shampoo rows")
+    ap.add_argument("--baseline", type=Path, help="another checkout whose MARS-AdamW rows to time beside these")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -178,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped {name}: {type(e).__name__}: {e}")
         return rows
 
-    rows = build(optimizers(params))
+    pairs = optimizers(params)
+    if args.baseline:
+        pairs += baseline_optimizers(params, args.baseline)
+    rows = build(pairs)
     times = round_robin(rows, args.warmup, args.repeats)
     if not args.no_shampoo:
         shampoo_rows = build(shampoo_optimizers(params))
@@ -197,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(ts)
         state = "–" if isinstance(opt, Traffic) else f"{state_bytes_per_param(opt, n):.2f}"
         print(f"| {name} | {med * 1e3:.0f} | {min(ts) * 1e3:.0f}–{max(ts) * 1e3:.0f} | {med / ref:.2f} | {state} |")
-    print("\nthe issue's targets, as ratios within each round (the optimizers of one round ran back to back, "
+    print("\nthe targets, as ratios within each round (the optimizers of one round ran back to back, "
           "under the same load):")
-    for name, base, target in TARGETS:
+    for name, base, target in TARGETS + (BASELINE_TARGETS if args.baseline else []):
         if name in times and base in times:
             ratios = [x / y for x, y in zip(times[name], times[base], strict=True)]
             wins = sum(r <= 1.0 for r in ratios)

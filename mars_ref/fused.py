@@ -187,8 +187,8 @@ def correction_norms(t: Tensors, s: Settings) -> list[Tensor]:
         # Σ c², c = g + k·(g − g_prev): g_prev = NULL is zero; the fallback has no correction (k = 0)
         k = 0.0 if branch == "fallback" else scale
         total = lib.mars_sumsq(_ptr(g), _ptr(None if branch == "fallback" else gp), k, g.numel(), threads)
-        norms.append(torch.tensor(math.sqrt(total) if total >= 0 else math.nan, dtype=torch.float64))
-    return norms
+        norms.append(math.sqrt(total) if total >= 0 else math.nan)
+    return list(torch.tensor(norms, dtype=torch.float64).unbind())
 
 
 def step(t: Tensors, s: Settings, clip: list[Tensor]) -> None:
@@ -197,16 +197,17 @@ def step(t: Tensors, s: Settings, clip: list[Tensor]) -> None:
     lib, _ = library()
     threads = torch.get_num_threads()
     scale = correction_scale(s.gamma, s.beta1)
+    clip = torch.stack(clip).tolist() if clip else []  # one host list, not one .item() per tensor
     for i, x in enumerate(t.params):
         g, gp, m, v, x_prev, n = t.grads[i], t.prev_grads[i], t.exp_avgs[i], t.exp_avg_sqs[i], t.prev_params[i], \
             x.numel()
         bc1, sqrt_bc2 = 1.0 - s.beta1 ** t.steps[i], math.sqrt(1.0 - s.beta2 ** t.steps[i])
         if t.branches[i] == "lion":
-            lib.mars_lion(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), n, scale, clip[i].item(),
+            lib.mars_lion(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), n, scale, clip[i],
                           s.beta1, s.lr, s.weight_decay, threads)
         elif t.branches[i] == "adamw":
             lib.mars_adamw(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), _ptr(v), n, scale,
-                           clip[i].item(), s.beta1, s.beta2, s.lr, s.weight_decay, s.eps, bc1, sqrt_bc2, threads)
+                           clip[i], s.beta1, s.beta2, s.lr, s.weight_decay, s.eps, bc1, sqrt_bc2, threads)
         else:  # the AdamW fallback on the raw g_t: the same loop with k = 0, no clip, no g_prev
             b1, b2 = s.beta1_1d, s.beta2_1d
             lib.mars_adamw(_ptr(x), _ptr(g), None, _ptr(x_prev), _ptr(m), _ptr(v), n, 0.0, 1.0, b1, b2, s.lr_1d,
