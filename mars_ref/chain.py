@@ -25,7 +25,6 @@ optimizer object.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,10 +80,11 @@ class Settings:
     def of(cls, group: dict) -> Settings:
         """The settings of a ``MARS`` parameter group (already validated)."""
         (beta1, beta2), (beta1_1d, beta2_1d) = group["betas"], group["betas_1d"]
-        return cls(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                   gamma=group["gamma"], preconditioner=group["preconditioner"], exact=group["exact"],
+        return cls(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                   weight_decay=group["weight_decay"], gamma=group["gamma"], preconditioner=group["preconditioner"],
+                   exact=group["exact"],
                    clip=group["clip"], max_norm=group["max_norm"], optimize_1d=group["optimize_1d"],
-                   lr_1d=fallback_lr(group["lr"], group["lr_1d"], group["base_lr"]), beta1_1d=beta1_1d,
+                   lr_1d=fallback_lr(float(group["lr"]), group["lr_1d"], group["base_lr"]), beta1_1d=beta1_1d,
                    beta2_1d=beta2_1d, weight_decay_1d=group["weight_decay_1d"], ns_steps=group["ns_steps"],
                    ns_dtype=group["ns_dtype"])
 
@@ -272,18 +272,24 @@ def check_tensors(t: Tensors, state: Sequence[dict], exact: bool, where: str) ->
         if g.is_sparse:
             raise RuntimeError(f"MARS does not support sparse gradients ({name}, shape {tuple(p.shape)}); "
                                "use dense gradients (e.g. nn.Embedding(sparse=False)).")
-        for key in state_keys(branch_, exact):
-            value = st.get(key)
-            if not torch.is_tensor(value):
-                raise ValueError(f"MARS: the state of {name}{where} has no tensor {key!r} (it has {sorted(st)}): "
-                                 f"a {branch_!r} tensor in {'exact' if exact else 'approx'} mode keeps "
-                                 f"{state_keys(branch_, exact)}; was the state dict saved by another optimizer, "
-                                 "preconditioner or mode?")
-            if value.shape != p.shape or value.dtype != p.dtype or value.device != p.device:
-                raise ValueError(
-                    f"MARS: state {key!r} of {name}{where} is a {value.dtype} tensor of shape {tuple(value.shape)} "
-                    f"on {value.device}, but the parameter is {p.dtype} of shape {tuple(p.shape)} on {p.device}: "
-                    "the state dict does not belong to these parameters.")
+        check_state(p, st, branch_, exact, name, where)
+
+
+def check_state(p: Tensor, state: dict, branch_: str, exact: bool, name: str, where: str = "") -> None:
+    """One tensor's state has every tensor its branch keeps (:func:`state_keys`), each of its parameter's shape,
+    dtype and device; else ``ValueError`` naming the tensor and what was found."""
+    keys = state_keys(branch_, exact)
+    for key in keys:
+        value = state.get(key)
+        if not torch.is_tensor(value):
+            raise ValueError(f"MARS: the state of {name}{where} has no tensor {key!r} (it has {sorted(state)}): a "
+                             f"{branch_!r} tensor in {'exact' if exact else 'approx'} mode keeps {('step', *keys)}; "
+                             "was the state dict saved by another optimizer, preconditioner or mode?")
+        if value.shape != p.shape or value.dtype != p.dtype or value.device != p.device:
+            raise ValueError(
+                f"MARS: state {key!r} of {name}{where} is a {value.dtype} tensor of shape {tuple(value.shape)} "
+                f"on {value.device}, but the parameter is {p.dtype} of shape {tuple(p.shape)} on {p.device}: "
+                "the state dict does not belong to these parameters.")
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -297,7 +303,8 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
 def checked_norms(norms: list[Tensor], t: Tensors, s: Settings, where: str) -> list[Tensor]:
     """The norms, once each is known finite; else raise naming the first tensor whose gradient (or previous
     gradient) has a NaN or inf. A norm that overflowed although its inputs are finite (float32 squares
-    overflow above ~1.8e19) is recomputed in float64, so every implementation clips it alike."""
+    overflow above ~1.8e19, float16 ones above 256) is taken again in float64 and scaled, so every
+    implementation clips it alike."""
     if torch.compiler.is_compiling() or _all_finite(norms):
         # Compiled (torch.compile), the step has no host synchronisation, so no check can raise from
         # inside it: as torch's own optimizers, it trusts its gradients (check the loss, or use GradScaler).
@@ -315,12 +322,18 @@ def checked_norms(norms: list[Tensor], t: Tensors, s: Settings, where: str) -> l
             which = "gradient at the previous point (exact mode)" if s.exact else "previous gradient g_prev (state)"
             raise FloatingPointError(f"MARS: non-finite {which}{where} (nan or inf) in {name}, shape "
                                      f"{tuple(g.shape)}; nothing was updated.")
-        exact_c = g.double() if t.branches[i] == "fallback" else correction(g.double(), _double(gp), s)
-        norms[i] = torch.linalg.vector_norm(exact_c)
-        if not math.isfinite(float(norms[i])):  # beyond float64 too: c itself is not finite
+        c = g.double() if t.branches[i] == "fallback" else correction(g.double(), _double(gp), s)
+        if not bool(torch.isfinite(c).all()):  # beyond float64 too: c itself is not a number
             raise FloatingPointError(f"MARS: the corrected gradient of {name}{where} overflows (|g| near the "
                                      f"largest {g.dtype} value); nothing was updated.")
+        norms[i] = _scaled_norm(c)
     return norms
+
+
+def _scaled_norm(c: Tensor) -> Tensor:
+    """``‖c‖ = a·‖c/a‖`` with ``a = max|c|``: no square overflows, whatever the size of the finite ``c``."""
+    largest = c.abs().max()
+    return largest * torch.linalg.vector_norm(c / largest) if largest > 0 else largest
 
 
 def _double(x: Tensor | None) -> Tensor | None:

@@ -68,7 +68,7 @@ double mars_sumsq(const float *restrict g, const float *restrict g_prev, float s
         float gi = g[i], xi = x[i];                                                                \
         float c = (gi + s * (gi - (GP))) * clip;      /* 1, 2: c_t = (g_t + s·(g_t − g_prev))·clip */ \
         float mi = m[i] * beta1 + (1.0f - beta1) * c; /* 3: m_t = β1·m + (1−β1)·c_t */              \
-        float vi = v[i] * beta2 + (1.0f - beta2) * (c * c); /* v_t = β2·v + (1−β2)·c_t² */          \
+        float vi = v[i] * beta2 + (1.0f - beta2) * c * c;   /* v_t = β2·v + (1−β2)·c_t² (addcmul's order) */ \
         float denom = (sqrtf(vi) / sqrt_bc2 + eps) * bc1;   /* 4: (√v/√(1−β2^t) + ε)(1−β1^t) */     \
         float u = mi / denom;                                                                      \
         m[i] = mi;                                                                                 \

@@ -48,6 +48,7 @@ not fit its parameter) runs for every group before any tensor changes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -55,6 +56,7 @@ import torch
 from torch import Tensor
 
 from . import chain, functional, fused
+from .pieces import correction_scale
 
 
 class MARS(torch.optim.Optimizer):
@@ -99,15 +101,16 @@ class MARS(torch.optim.Optimizer):
         weight_decay_1d: float = 0.1,
         ns_steps: int = 5,
         ns_dtype: torch.dtype | None = torch.bfloat16,
+        maximize: bool = False,
         foreach: bool = False,
         fused: bool = False,
     ):
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma=gamma,
+            lr=lr, betas=_tuple(betas), eps=eps, weight_decay=weight_decay, gamma=gamma,
             preconditioner=preconditioner, exact=exact, clip=clip, max_norm=max_norm,
-            optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=tuple(betas_1d),
+            optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=_tuple(betas_1d),
             weight_decay_1d=weight_decay_1d, ns_steps=ns_steps, ns_dtype=ns_dtype,
-            foreach=foreach, fused=fused,
+            maximize=maximize, foreach=foreach, fused=fused,
         )
         _check_hyperparameters(defaults, where="")
         super().__init__(params, defaults)
@@ -118,6 +121,7 @@ class MARS(torch.optim.Optimizer):
         where = f" (parameter group {len(self.param_groups) - 1})"
         try:
             _check_hyperparameters(group, where=where)
+            _check_parameters(group, where=where)
             if group["exact"] != self.param_groups[0]["exact"]:
                 raise ValueError(_exact_message(group["exact"], where))
         except ValueError:
@@ -126,15 +130,27 @@ class MARS(torch.optim.Optimizer):
         if group["fused"]:
             fused.library()  # compile the C step now (once per machine), not at the first step
         # The lr the 1-D fallback's ratio lr_1d / lr refers to: the group's lr at construction.
-        group.setdefault("base_lr", group["lr"])
+        group.setdefault("base_lr", float(group["lr"]))
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, then checked: a state dict that does not fit these
+        parameters (another optimizer's, other shapes or dtypes, another preconditioner or mode) is refused
+        with ``ValueError`` and this optimizer is left as it was."""
         # ``foreach`` and ``fused`` say how this optimizer computes, not what: keep this optimizer's
         # choice, so a checkpoint of the readable path resumes on a fast one and back (same state).
         impls = [(group["foreach"], group.get("fused", False)) for group in self.param_groups]
+        before = (self.__getstate__()["state"], [dict(g) for g in self.param_groups])
         super().load_state_dict(state_dict)
-        for group, (foreach_, fused_) in zip(self.param_groups, impls, strict=True):
-            group["foreach"], group["fused"] = foreach_, fused_
+        try:
+            for i, (group, (foreach_, fused_)) in enumerate(zip(self.param_groups, impls, strict=True)):
+                group["foreach"], group["fused"] = foreach_, fused_
+                for key, value in self.defaults.items():  # settings added since the state dict was written
+                    group.setdefault(key, value)
+                group.setdefault("base_lr", float(group["lr"]))
+                _check_loaded_group(self, i, group)
+        except ValueError:
+            self.state, self.param_groups[:] = before[0], before[1]
+            raise
 
     # ------------------------------------------------------------------ the step
 
@@ -170,7 +186,7 @@ class MARS(torch.optim.Optimizer):
                 for p in g.created:
                     del self.state[p]
             raise
-        for g, n in zip(groups, norms, strict=True):
+        for g, n in zip(groups, norms, strict=True):  # nothing was refused: the step
             for state, t in zip(g.state, g.tensors.steps, strict=True):
                 state["step"] = t
             functional.step(g.tensors, g.settings, n, g.impl)  # pass 2
@@ -180,8 +196,12 @@ class MARS(torch.optim.Optimizer):
         """Group ``i``'s flat lists for the functional step: the tensors with a gradient, their state
         (made here at a tensor's first step), ``g_prev`` and this step's ``t``."""
         where = f" (parameter group {i})"
-        _check_hyperparameters(group, where)
+        compiling = torch.compiler.is_compiling()  # compiled, checks on numbers would become recompilations
+        if not compiling:
+            _check_hyperparameters(group, where)  # again: a group may have been edited since construction
         s = chain.Settings.of(group)
+        if not compiling:
+            _check_magnitudes(group, s, {p.dtype for p in group["params"] if p.grad is not None}, where)
         t = chain.Tensors([], [], [], [], [], [], [], [], [])
         states, created = [], []
         for j, p in enumerate(group["params"]):
@@ -193,8 +213,11 @@ class MARS(torch.optim.Optimizer):
                 state.update(_new_state(p, branch, s.exact))
                 created.append(p)
             t.params.append(p)
-            t.grads.append(p.grad)
-            t.prev_grads.append(chain.previous_gradient(p, state, branch, s.exact, at_previous_point))
+            t.grads.append(-p.grad if group["maximize"] else p.grad)  # maximize: the step of −f
+            g_prev = chain.previous_gradient(p, state, branch, s.exact, at_previous_point)
+            if group["maximize"] and s.exact and g_prev is not None:  # approx stores the negated g_t already
+                g_prev = -g_prev
+            t.prev_grads.append(g_prev)
             t.exp_avgs.append(state.get("m"))
             t.exp_avg_sqs.append(state.get("v"))
             t.prev_params.append(state.get("x_prev"))
@@ -253,34 +276,109 @@ def _exact_message(value, where: str) -> str:
             "(the previous point x_{t-1} is the whole model)")
 
 
-def _check_hyperparameters(group: dict, where: str) -> None:
-    def bad(name, rule):
-        raise ValueError(f"MARS: invalid {name}={group[name]!r}{where}: {rule}")
+#: the hyperparameters that are real numbers (``lr`` may also be a 1-element tensor, as in torch.optim)
+NUMBERS = {"lr": ">= 0", "eps": ">= 0", "weight_decay": ">= 0", "gamma": ">= 0", "lr_1d": ">= 0",
+           "weight_decay_1d": ">= 0", "max_norm": "> 0"}
 
-    for name in ("lr", "eps", "weight_decay", "gamma", "lr_1d", "weight_decay_1d"):
+
+def _check_hyperparameters(group: dict, where: str) -> None:
+    """Refuse a group whose settings MARS cannot run, naming the setting, the group and what would be valid."""
+    def bad(name, rule):
+        raise ValueError(f"MARS: invalid {name}={group.get(name)!r}{where}: {rule}")
+
+    for name in (*NUMBERS, "betas", "betas_1d", "preconditioner", "clip", "ns_steps", "ns_dtype", "exact",
+                 "optimize_1d", "maximize", "foreach", "fused"):
+        if name not in group:
+            raise ValueError(f"MARS: parameter group{where} has no setting {name!r} (was it removed by hand?)")
+    for name, rule in NUMBERS.items():
         value = group[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-            bad(name, "must be a number >= 0")
-    if not group["max_norm"] > 0:
-        bad("max_norm", "must be > 0")
+        if torch.is_tensor(value) and name == "lr":
+            if value.numel() != 1:
+                raise ValueError(f"MARS: invalid lr{where}: Tensor lr must be 1-element, got shape "
+                                 f"{tuple(value.shape)}")
+            value = float(value)
+        if not _is_real(value):
+            bad(name, f"must be a real number {rule}")
+        if not math.isfinite(value):
+            bad(name, f"must be finite (a number {rule})")
+        if not (value > 0 if rule == "> 0" else value >= 0):
+            bad(name, f"must be a number {rule}")
     for name in ("betas", "betas_1d"):
         betas = group[name]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) and 0.0 <= b < 1.0
+                                                                             for b in betas)):
             bad(name, "must be two numbers in [0, 1)")
     if group["preconditioner"] not in chain.PRECONDITIONERS:
         bad("preconditioner", f"must be one of {chain.PRECONDITIONERS}")
     if group["clip"] not in chain.CLIP_MODES:
         bad("clip", f"must be one of {chain.CLIP_MODES}")
-    if not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
+    if not isinstance(group["ns_steps"], int) or isinstance(group["ns_steps"], bool) or group["ns_steps"] < 1:
         bad("ns_steps", "must be an integer >= 1")
     if group["ns_dtype"] is not None and not (
         isinstance(group["ns_dtype"], torch.dtype) and group["ns_dtype"].is_floating_point
     ):
         bad("ns_dtype", "must be a floating torch.dtype or None")
-    for name in ("exact", "optimize_1d", "foreach", "fused"):
+    for name in ("exact", "optimize_1d", "maximize", "foreach", "fused"):
         if not isinstance(group[name], bool):
             bad(name, "must be True or False")
     if group["fused"]:
         if group["foreach"]:
             raise ValueError(f"MARS: fused=True and foreach=True{where}: choose one (as torch.optim.AdamW)")
         fused.check_settings(group["preconditioner"], where)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_parameters(group: dict, where: str) -> None:
+    """Refuse parameters MARS cannot step: complex or integer tensors (torch.optim's own checks refuse the rest:
+    non-tensors, non-leaves, duplicates across groups)."""
+    for j, p in enumerate(group["params"]):
+        if not p.is_floating_point():
+            hint = " (split a complex parameter into its real and imaginary parts)" if p.is_complex() else ""
+            raise ValueError(f"MARS takes real floating-point parameters (float16, bfloat16, float32, float64); "
+                             f"parameter {j}{where} is a {p.dtype} tensor of shape {tuple(p.shape)}{hint}")
+
+
+def _check_magnitudes(group: dict, s: chain.Settings, dtypes: set[torch.dtype], where: str) -> None:
+    """Refuse settings the parameters' dtype cannot hold: a step computed with them would be inf (e.g. lr=1e308
+    on float32 parameters), which would turn the parameters into inf or NaN without an error."""
+    for dtype in dtypes:
+        largest = torch.finfo(dtype).max
+        for name, value in (("lr", s.lr), ("lr_1d", s.lr_1d), ("weight_decay", s.weight_decay),
+                            ("weight_decay_1d", s.weight_decay_1d), ("eps", s.eps),
+                            ("lr * weight_decay", s.lr * s.weight_decay),
+                            ("lr_1d * weight_decay_1d", s.lr_1d * s.weight_decay_1d),
+                            ("gamma * beta1 / (1 - beta1)", correction_scale(s.gamma, s.beta1))):
+            if not value <= largest:
+                raise ValueError(f"MARS: {name} = {value:g}{where} is larger than the largest {dtype} value "
+                                 f"({largest:g}) of the parameters: a step would overflow to inf; use a smaller value")
+        if s.eps > 0 and float(torch.tensor(s.eps, dtype=dtype)) == 0.0:
+            raise ValueError(f"MARS: eps = {s.eps:g}{where} is 0 in {dtype} (the parameters' dtype): an element whose "
+                             f"v_t underflows to 0 would divide by 0; use eps >= {torch.finfo(dtype).tiny:g} or "
+                             "float32 parameters")
+
+
+def _tuple(value):
+    """``betas`` as a tuple when it is a sequence (anything else is refused by the check, not by ``tuple()``)."""
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
+def _check_loaded_group(opt: MARS, i: int, group: dict) -> None:
+    """After ``load_state_dict``: the group's settings are valid and each tensor's state is what its branch keeps,
+    with its parameter's shape, dtype and device, and a step count."""
+    where = f" (parameter group {i}, as loaded)"
+    _check_hyperparameters(group, where)
+    for j, p in enumerate(group["params"]):
+        state = opt.state.get(p)
+        if not state:
+            continue
+        name = f"parameter group {i}, parameter {j}"
+        branch = chain.branch(p, group["preconditioner"], group["optimize_1d"])
+        chain.check_state(p, state, branch, group["exact"], name, " (in the loaded state dict)")
+        step = state.get("step")
+        if torch.is_tensor(step) and step.numel() == 1:  # torch's optimizers keep a tensor: accept its value
+            state["step"] = step = int(step.item())
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            raise ValueError(f"MARS: the loaded state of {name} has step={step!r}; expected a count >= 0")
