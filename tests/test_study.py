@@ -1,0 +1,191 @@
+"""benchmarks/study.py: the stages (grid → widening → seeds) on hand-made results, the statistics, and a
+very tiny study end to end through the command line: cached, resumed, safe after a kill, reported."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # a plain import, so the spawned workers can import it too
+import study  # noqa: E402
+
+# Every axis of the real study, at a size that trains in a fraction of a second per run: one 1 × 16 model,
+# 1× = 0.15 tokens per parameter (~10 steps of 4 × 16 tokens), 2 lr factors, 2 seeds, at most 1 widening.
+TINY = {
+    "name": "study_tiny", "dataset": "tiny", "preset": "cpu-mini",
+    "sizes": {"M": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}},
+    "tpp_unit": 0.15, "batch": 4, "eval_tokens": 128, "evals": 2, "warmup_frac": 0.02, "min_warmup": 2,
+    "grid": [0.5, 1.0], "seeds": [0, 1], "max_widen": 1,
+    "middle": {"size": "M", "tpp": 1, "batch": 4},
+    "tpp_axis": {"M": [1, 2]},
+    "batch_axis": {"size": "M", "tpp": 1, "batches": [2, 4]},
+    "gammas": [0.0, 0.025],
+    "middle_extras": ["mars-adamw-exact-half"],
+}
+N_CELLS = 8  # t1-b4 (AdamW, MARS), t2-b4 (×2), t1-b2 (×2), γ = 0, exact at equal gradient evaluations
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from mars_ref import data
+
+    tmp = tmp_path_factory.mktemp("study_data")
+    words = "to be or not that is the question whether tis nobler in the mind".split()
+    rng = np.random.default_rng(0)
+    source = tmp / "source.txt"
+    source.write_text("\n".join(" ".join(rng.choice(words, size=8)) for _ in range(400)) + "\n")
+    data.prepare("tiny", data_dir=str(tmp), tokenizer="char", source=str(source))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def tiny(data_dir) -> study.Study:
+    return study.Study(TINY, data_dir)
+
+
+def fake(job: study.Job, final: float | None) -> dict:
+    """A cached record for ``job`` with final validation loss ``final`` (None: diverged)."""
+    return {"version": study.STUDY_VERSION, "key": job.key, "spec": {}, "config": job.kwargs,
+            "result": {"final_val_loss": final, "best_val_loss": final, "seconds": 1.0, "diverged": final is None,
+                       "steps": [0, 10], "grad_evals": [0, 10], "val_loss": [4.0, final], "total_grad_evals": 10}}
+
+
+def test_statistics_by_hand():
+    assert study.t975(2) == 4.303 and study.t975(22) == 2.086  # between table entries: the smaller dof
+    r = study.interval([0.1, 0.2, 0.3])
+    assert r["mean"] == pytest.approx(0.2) and r["sd"] == pytest.approx(0.1)
+    assert r["half"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert study.interval([0.1, math.inf])["mean"] is None
+    assert study.interval([0.5])["half"] is None
+
+
+def test_keys_follow_the_resolved_config(tiny):
+    cell = tiny.cells[0]
+    a, b = tiny.job(cell, 1.0, 0), tiny.job(cell, 0.5, 0)
+    assert a.key != b.key and a.key != tiny.job(cell, 1.0, 1).key
+    assert a.key == study.run_key(dict(a.kwargs), tiny.data_id)  # deterministic
+    # a field left to the recipe (None) and the same value given explicitly resolve alike: same key
+    assert study.run_key({**a.kwargs, "beta1": 0.9}, tiny.data_id) == a.key  # AdamW's recipe β1
+    assert study.run_key({**a.kwargs, "beta1": 0.8}, tiny.data_id) != a.key
+    assert study.run_key(a.kwargs, {**tiny.data_id, "text_sha256": "x"}) != a.key
+
+
+def test_stages_grid_widening_seeds(tiny):
+    cell = study.Cell("M", 1.0, 4, "adamw")
+    job = lambda f, s=0: tiny.job(cell, f, s)
+    cache = {}
+    st = tiny.state(cell, cache)
+    assert st.stage == "tune" and [j.factor for j in st.ready] == [0.5, 1.0] and st.projected == 1
+    # best at the top edge -> one more run at twice that factor (max_widen = 1)
+    cache.update({job(0.5).key: fake(job(0.5), 2.5), job(1.0).key: fake(job(1.0), 2.2)})
+    st = tiny.state(cell, cache)
+    assert st.stage == "widen" and [j.factor for j in st.ready] == [2.0]
+    # ×2 diverged: ×1 is interior -> seeds at ×1
+    cache[job(2.0).key] = fake(job(2.0), None)
+    st = tiny.state(cell, cache)
+    assert st.stage == "seeds" and st.best == 1.0 and not st.edge
+    assert [(j.factor, j.seed) for j in st.ready] == [(1.0, 1)]
+    cache[job(1.0, 1).key] = fake(job(1.0, 1), 2.3)
+    st = tiny.state(cell, cache)
+    assert st.stage == "done" and {s: study.final_loss(r) for s, r in st.finals.items()} == {0: 2.2, 1: 2.3}
+    # if ×2 had been best too, the widenings are used up: seeds at ×2, marked as at the edge
+    cache[job(2.0).key] = fake(job(2.0), 2.0)
+    st = tiny.state(cell, cache)
+    assert st.best == 2.0 and st.edge and st.stage == "seeds"
+    # every grid run diverged: widen downwards
+    other = study.Cell("M", 1.0, 4, "mars-adamw")
+    cache = {tiny.job(other, f, 0).key: fake(tiny.job(other, f, 0), None) for f in (0.5, 1.0)}
+    assert [j.factor for j in tiny.state(other, cache).ready] == [0.25]
+
+
+def test_paired_gap_is_per_seed(tiny):
+    a, b = study.CellState(tiny.cells[0], "done"), study.CellState(tiny.cells[1], "done")
+    job = tiny.job(tiny.cells[0], 1.0, 0)
+    a.finals = {0: fake(job, 2.0), 1: fake(job, 2.2), 2: fake(job, 2.1)}
+    b.finals = {0: fake(job, 2.1), 1: fake(job, 2.4), 2: fake(job, 2.1)}
+    g = study.paired(a, b)
+    assert g["diffs"] == pytest.approx([-0.1, -0.2, 0.0]) and g["mean"] == pytest.approx(-0.1)
+    assert g["half"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+
+
+def test_tiny_study_runs_resumes_survives_a_kill_and_reports(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(study.MODES, "quick", TINY)
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    args = ["--quick", "--workers", "1", "--cache", str(cache), "--results-dir", str(results),
+            "--data-dir", str(data_dir)]
+
+    # an interrupted first session: 3 runs, each cached as it finished
+    assert study.main([*args, "--max-runs", "3"]) == 0
+    files = sorted(cache.glob("*.json"))
+    assert len(files) == 3
+    rec = json.loads(files[0].read_text())
+    assert rec["version"] == study.STUDY_VERSION and rec["key"] == files[0].stem
+    r = rec["result"]
+    assert math.isfinite(r["final_val_loss"]) and r["best_val_loss"] <= r["final_val_loss"] + 1e-12
+    assert r["steps"][0] == 0 and r["steps"][-1] == rec["config"]["max_iters"] and r["total_grad_evals"] > 0
+
+    # what a kill leaves: a half-written temporary file, a torn result file (not from our atomic writes, but
+    # the loader must not trust it), a run directory of a dead process
+    (cache / f".{files[1].name}.99999999.tmp").write_text('{"version": "stu')
+    files[2].write_text(files[2].read_text()[:50])
+    stale = Path(tempfile.mkdtemp(prefix=f"{study.RUN_TMP_PREFIX}99999999-"))
+    capsys.readouterr()
+    assert study.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"ignoring unreadable cache file {files[2].name}" in out
+    assert not list(cache.glob("*.tmp")) and not stale.exists()
+    assert json.loads(files[2].read_text())["key"] == files[2].stem  # rerun and replaced whole
+    assert f"cells done: {N_CELLS} of {N_CELLS}" in out
+
+    # a second invocation runs nothing new and rewrites no result
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cache.glob("*.json")}
+    assert study.main(args) == 0
+    assert "0 new runs" in capsys.readouterr().out
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in cache.glob("*.json")} == before
+    n_runs = len(before)
+    assert 2 * N_CELLS - 2 <= n_runs  # shared cells (γ = 0.025 is the MARS cell) are counted once
+
+    # the report, from the cache only
+    for f in results.glob("study_tiny*"):
+        f.unlink()
+    assert study.main([*args, "--report"]) == 0
+    md = (results / "study_tiny.md").read_text()
+    assert "| M-t2-b4 | 1×16 | 4 |" in md and "pending" not in md and "MARS-AdamW exact, equal grad evals" in md
+    assert "t = 12.706 on 1 degrees of freedom" in md
+    for png in ("study_tiny_gap.png", "study_tiny_gamma.png"):
+        assert (results / png).stat().st_size > 10_000
+    summary = json.loads((results / "study_tiny_summary.json").read_text())
+    assert summary["cells_done"] == N_CELLS and summary["runs_cached"] == n_runs
+    gap = summary["tpp_gaps"]["M"][1]["gap"]
+    assert gap["seeds"] == [0, 1] and len(gap["diffs"]) == 2
+    assert gap["mean"] == pytest.approx(sum(gap["diffs"]) / 2)
+    assert [e["batch"] for e in summary["batch_gaps"]] == [2, 4]
+
+    assert study.main([*args, "--status"]) == 0
+    assert f"cells done: {N_CELLS} of {N_CELLS}" in capsys.readouterr().out
+
+
+def test_bad_flags(capsys):
+    for bad in (["--workers", "0"], ["--status", "--report"], ["--report", "--max-runs", "2"], ["--nope"]):
+        with pytest.raises(SystemExit) as e:
+            study.main(bad)
+        assert e.value.code == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_one_runner_per_cache(tmp_path):
+    with study.cache_lock(tmp_path):
+        with pytest.raises(SystemExit, match="another study runner"):
+            with study.cache_lock(tmp_path):
+                pass
+    with study.cache_lock(tmp_path):  # released
+        pass
+    assert os.listdir(tmp_path) == []  # the lock lives outside the cache
