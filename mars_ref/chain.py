@@ -33,22 +33,26 @@ import torch
 from torch import Tensor
 
 from .pieces import (
+    adam_direction_eps_first,
     adamw_direction,
     clip_factor,
     decoupled_step,
     global_norm,
     lion_direction,
     momentum,
+    muon_scale,
     newton_schulz,
     second_moment,
     shampoo_scale,
     storm_correction,
 )
 
-PRECONDITIONERS = ("adamw", "lion", "shampoo")
+PRECONDITIONERS = ("adamw", "lion", "shampoo", "muon")  # "muon": MARS-M (Liu, Yuan, Gu, arXiv 2510.21800)
 CLIP_MODES = ("tensor", "global", "none")
 #: what a tensor's step is: a MARS branch (by its preconditioner) or the AdamW fallback
-BRANCHES = ("adamw", "lion", "shampoo", "fallback")
+BRANCHES = ("adamw", "lion", "shampoo", "muon", "fallback")
+#: Newton–Schulz's ε for MARS-M (the authors' and torch.optim.Muon's); MARS-Shampoo uses the group's ``eps``
+MUON_NS_EPS = 1e-7
 
 
 # ---------------------------------------------------------------------------------------- what a step takes
@@ -69,12 +73,19 @@ class Settings:
     clip: str
     max_norm: float
     optimize_1d: bool
+    fallback: bool  # every tensor of the group takes the AdamW fallback
     lr_1d: float  # the fallback's learning rate as applied: η · lr_1d / base_lr (see fallback_lr)
     beta1_1d: float
     beta2_1d: float
     weight_decay_1d: float
     ns_steps: int
     ns_dtype: torch.dtype | None
+
+    @property
+    def fallback_eps_first(self) -> bool:
+        """Where the fallback's AdamW puts ε: before the bias corrections for MARS-M (the authors' MARS-M code),
+        after them for the others (the authors' MARS code, torch.optim.AdamW)."""
+        return self.preconditioner == "muon"
 
     @classmethod
     def of(cls, group: dict) -> Settings:
@@ -84,6 +95,7 @@ class Settings:
                    weight_decay=group["weight_decay"], gamma=group["gamma"], preconditioner=group["preconditioner"],
                    exact=group["exact"],
                    clip=group["clip"], max_norm=group["max_norm"], optimize_1d=group["optimize_1d"],
+                   fallback=group.get("fallback", False),
                    lr_1d=fallback_lr(float(group["lr"]), group["lr_1d"], group["base_lr"]), beta1_1d=beta1_1d,
                    beta2_1d=beta2_1d, weight_decay_1d=group["weight_decay_1d"], ns_steps=group["ns_steps"],
                    ns_dtype=group["ns_dtype"])
@@ -113,12 +125,13 @@ class Tensors:
 # ---------------------------------------------------------------------------------------- the decisions
 
 
-def branch(p: Tensor, preconditioner: str, optimize_1d: bool) -> str:
+def branch(p: Tensor, preconditioner: str, optimize_1d: bool, fallback: bool = False) -> str:
     """Which step a tensor takes: its group's preconditioner on the MARS path (2-D tensors, or every
-    tensor with ``optimize_1d``; Shampoo's non-2-D tensors take the AdamW branch), else ``"fallback"``."""
-    if not (optimize_1d or p.ndim == 2):
+    tensor with ``optimize_1d``; the non-2-D tensors of MARS-Shampoo and MARS-M take the AdamW branch), else
+    ``"fallback"`` (also every tensor of a group with ``fallback=True``, e.g. MARS-M's embeddings)."""
+    if fallback or not (optimize_1d or p.ndim == 2):
         return "fallback"
-    if preconditioner == "shampoo" and p.ndim != 2:
+    if preconditioner in ("shampoo", "muon") and p.ndim != 2:
         return "adamw"
     return preconditioner
 
@@ -194,10 +207,13 @@ def direction(branch_: str, m: Tensor, v: Tensor | None, step: int, shape: torch
     r"""The preconditioned update direction ``u_t`` of the momentum ``m_t`` (``v`` = ``v_t``, AdamW only).
 
     AdamW: ``m̂_t/(√v̂_t + ε)`` with the authors' ε placement; Lion: ``sign(m_t)``; Shampoo (2-D):
-    ``NS_5(m_t/(1−β1)) · √max(1, rows/cols)``, Newton–Schulz as the authors ran it.
+    ``NS_5(m_t/(1−β1)) · √max(1, rows/cols)``, Newton–Schulz as the authors ran it; MARS-M (2-D):
+    ``NS_5(m_t) · 0.2·√max(rows, cols)``, as the authors' MARS-M code.
     """
     if branch_ == "lion":
         return lion_direction(m)
+    if branch_ == "muon":
+        return newton_schulz(m, s.ns_steps, MUON_NS_EPS, s.ns_dtype) * muon_scale(shape)
     if branch_ == "shampoo":
         return newton_schulz(m / (1.0 - s.beta1), s.ns_steps, s.eps, s.ns_dtype) * shampoo_scale(shape)
     return adamw_direction(m, v, step, s.beta1, s.beta2, s.eps)
@@ -213,14 +229,16 @@ def fallback_lr(lr: float, lr_1d: float, base_lr: float) -> float:
 
 
 def adamw_update(x: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, lr: float, beta1: float, beta2: float,
-                 eps: float, weight_decay: float) -> None:
+                 eps: float, weight_decay: float, eps_first: bool = False) -> None:
     """One AdamW step of ``x`` on the raw gradient ``g``, in place (``x``, ``m``, ``v``): the fallback of MARS
-    for tensors off its path (and the 1-D part of Muon)."""
+    for tensors off its path (and the 1-D part of Muon). ``eps_first``: ε before the bias corrections
+    (:func:`mars_ref.pieces.adam_direction_eps_first`, MARS-M's AdamW)."""
     #   m_t = β1·m + (1−β1)·g_t ;  v_t = β2·v + (1−β2)·g_t²
     m.copy_(momentum(m, g, beta1))
     v.copy_(second_moment(v, g, beta2))
     #   x_{t+1} = x_t − η_1d·(λ_1d·x_t + m̂_t/(√v̂_t + ε))
-    x.copy_(decoupled_step(x, adamw_direction(m, v, step, beta1, beta2, eps), lr, weight_decay))
+    direction_ = adam_direction_eps_first if eps_first else adamw_direction
+    x.copy_(decoupled_step(x, direction_(m, v, step, beta1, beta2, eps), lr, weight_decay))
 
 
 # ---------------------------------------------------------------------------------------- the previous point

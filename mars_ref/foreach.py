@@ -122,7 +122,7 @@ def step(t: Tensors, s: Settings, clip: list[Tensor]) -> None:
     fallback = [i for i, b in enumerate(t.branches) if b == "fallback"]
     if fallback:
         _adamw_fallback(_select(t, fallback), s)
-    for kind in ("adamw", "lion", "shampoo"):
+    for kind in ("adamw", "lion", "shampoo", "muon"):
         idx = [i for i, b in enumerate(t.branches) if b == kind]
         if idx:
             _update(kind, _select(t, idx), [clip[i] for i in idx], s)
@@ -161,7 +161,7 @@ def _update(kind: str, t: Tensors, clip: list[Tensor], s: Settings) -> None:
             torch._foreach_copy_(_take(X, pieces), p)
         else:  # the next step's g_prev (a copy, never a reference to p.grad)
             torch._foreach_copy_(gp, g)
-        if kind == "shampoo":
+        if kind in ("shampoo", "muon"):
             continue  # Newton–Schulz needs the whole momentum: below, per tensor
         if kind == "lion":
             # 4. u_t = sign(m_t)
@@ -174,15 +174,21 @@ def _update(kind: str, t: Tensors, clip: list[Tensor], s: Settings) -> None:
             u = _adam_direction(m, v, [t.steps[i] for i, _ in pieces], s.beta1, s.beta2, s.eps)
         # 5. x_{t+1} = x_t − η·(λ·x_t + u_t)
         _decoupled_step(p, u, s.lr, s.weight_decay)
-    if kind == "shampoo":
-        # 4. u_t = NS(m_t/(1−β1))·√max(1, rows/cols);  5. as above   (per tensor, as the readable step)
+    if kind in ("shampoo", "muon"):
+        # 4. u_t = NS(m_t/(1−β1))·√max(1, rows/cols)  or (MARS-M)  NS(m_t)·0.2·√max(rows, cols);  5. as above
+        #    (per tensor, the readable step's own direction)
         for p, m, step_ in zip(P, M, t.steps, strict=True):
-            _decoupled_step([p], [chain.direction("shampoo", m, None, step_, p.shape, s)], s.lr, s.weight_decay)
+            _decoupled_step([p], [chain.direction(kind, m, None, step_, p.shape, s)], s.lr, s.weight_decay)
 
 
-def _adam_direction(m, v, steps, beta1, beta2, eps) -> list[Tensor]:
-    """u = m / ((√v/√(1−β2^t) + ε)·(1−β1^t)), the denominator in a per-wave temporary."""
+def _adam_direction(m, v, steps, beta1, beta2, eps, eps_first: bool = False) -> list[Tensor]:
+    """u = m / ((√v/√(1−β2^t) + ε)·(1−β1^t)), the denominator in a per-wave temporary; ``eps_first``:
+    u = m / ((√v + ε)·(1−β1^t)/√(1−β2^t)) (MARS-M's AdamW)."""
     denom = torch._foreach_sqrt(v)
+    if eps_first:
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(denom, [(1.0 - beta1**t) / math.sqrt(1.0 - beta2**t) for t in steps])
+        return torch._foreach_div(m, denom)
     torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
     torch._foreach_add_(denom, eps)
     torch._foreach_mul_(denom, [1.0 - beta1**t for t in steps])
@@ -208,5 +214,5 @@ def _adamw_fallback(t: Tensors, s: Settings) -> None:
         torch._foreach_addcmul_(v, g, g, 1.0 - beta2)
         if s.exact:
             torch._foreach_copy_(_take(X, pieces), p)
-        u = _adam_direction(m, v, [t.steps[i] for i, _ in pieces], beta1, beta2, s.eps)
+        u = _adam_direction(m, v, [t.steps[i] for i, _ in pieces], beta1, beta2, s.eps, s.fallback_eps_first)
         _decoupled_step(p, u, s.lr_1d, s.weight_decay_1d)

@@ -152,7 +152,7 @@ def check_settings(preconditioner: str, where: str) -> None:
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(
             f"MARS: fused=True{where} takes preconditioner 'adamw' or 'lion', not {preconditioner!r}: "
-            "MARS-Shampoo's step is Newton–Schulz matrix products; use foreach=True."
+            "the steps of MARS-Shampoo and MARS-M are Newton–Schulz matrix products; use foreach=True."
         )
 
 

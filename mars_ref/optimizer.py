@@ -12,7 +12,8 @@ For each tensor ``x`` on the MARS path (``ndim == 2``, or every tensor with
         m_t \,/\, \big((\sqrt{v_t}/\sqrt{1-β_2^t} + ε)(1-β_1^t)\big),\;
             v_t = β_2 v_{t-1} + (1-β_2) c_t^2   & \text{AdamW} \\
         \mathrm{sign}(m_t)                       & \text{Lion} \\
-        \mathrm{NS}_5\big(m_t/(1-β_1)\big)\sqrt{\max(1, \text{rows}/\text{cols})} & \text{Shampoo (2-D)}
+        \mathrm{NS}_5\big(m_t/(1-β_1)\big)\sqrt{\max(1, \text{rows}/\text{cols})} & \text{Shampoo (2-D)} \\
+        \mathrm{NS}_5(m_t)\cdot 0.2\sqrt{\max(\text{rows}, \text{cols})} & \text{MARS-M (2-D)}
     \end{cases}                                                          && \text{precondition} \\
     x_{t+1} &= x_t - η(λ x_t + u_t)                                      && \text{decay + step}
 
@@ -25,6 +26,8 @@ Tensors off the MARS path (biases, norms, conv kernels when ``optimize_1d=False`
 take plain AdamW on the raw ``g_t`` with ``betas_1d``, ``weight_decay_1d`` and the
 learning rate ``lr · lr_1d / base_lr``, where ``base_lr`` is the group's ``lr`` at
 construction, so any scheduler that scales ``lr`` scales them too (the authors' rule).
+With ``preconditioner="muon"`` (MARS-M, the authors' matrix-level variant, arXiv 2510.21800)
+that AdamW adds ε before its bias corrections, as their MARS-M code does.
 
 Every hyperparameter is read per parameter group (and checked again at every step, so a group
 edited after construction is checked too). Choices where the authors' code and docs are silent,
@@ -60,7 +63,7 @@ from .pieces import correction_scale
 
 
 class MARS(torch.optim.Optimizer):
-    """MARS-AdamW / MARS-Lion / MARS-Shampoo (Yuan et al., 2024), exact or approximate.
+    """MARS-AdamW / MARS-Lion / MARS-Shampoo (Yuan et al., 2024) and MARS-M (Liu et al., 2025), exact or approximate.
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
@@ -69,12 +72,16 @@ class MARS(torch.optim.Optimizer):
         eps: ε of the AdamW denominator (also the ε of Newton–Schulz's normalisation).
         weight_decay: decoupled weight decay λ of the MARS path.
         gamma: γ, the scale of the variance-reduction correction (0 gives the base optimizer).
-        preconditioner: ``"adamw"``, ``"lion"`` or ``"shampoo"`` (Newton–Schulz, as the authors ran it).
+        preconditioner: ``"adamw"``, ``"lion"``, ``"shampoo"`` (Newton–Schulz, as the authors ran it) or
+            ``"muon"`` (MARS-M: Newton–Schulz of the momentum scaled by 0.2·√max(rows, cols), as the authors'
+            MARS-M code; give it ``lr_1d=lr`` and the embeddings in a ``fallback=True`` group to match them).
         exact: exact MARS: ``step(closure)`` evaluates the gradient at the previous point on the
             current minibatch (two gradient evaluations per step).
         clip: ``"tensor"`` (the authors' per-tensor rule), ``"global"`` or ``"none"``.
         max_norm: clipping threshold τ (the authors use 1.0).
         optimize_1d: send every tensor down the MARS path, not only 2-D ones.
+        fallback: send every tensor of the group to the AdamW fallback (a group setting: e.g. the embeddings, which
+            the authors' MARS-M code keeps off its Muon path).
         lr_1d, betas_1d, weight_decay_1d: the AdamW fallback for tensors off the MARS path.
         ns_steps, ns_dtype: Newton–Schulz iterations and compute dtype (``None`` = parameter dtype).
         foreach: take the foreach step of :mod:`mars_ref.foreach` (grouped ``torch._foreach_*`` kernels, same
@@ -96,6 +103,7 @@ class MARS(torch.optim.Optimizer):
         clip: str = "tensor",
         max_norm: float = 1.0,
         optimize_1d: bool = False,
+        fallback: bool = False,
         lr_1d: float = 3e-3,
         betas_1d: tuple[float, float] = (0.9, 0.95),
         weight_decay_1d: float = 0.1,
@@ -108,7 +116,7 @@ class MARS(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=_tuple(betas), eps=eps, weight_decay=weight_decay, gamma=gamma,
             preconditioner=preconditioner, exact=exact, clip=clip, max_norm=max_norm,
-            optimize_1d=optimize_1d, lr_1d=lr_1d, betas_1d=_tuple(betas_1d),
+            optimize_1d=optimize_1d, fallback=fallback, lr_1d=lr_1d, betas_1d=_tuple(betas_1d),
             weight_decay_1d=weight_decay_1d, ns_steps=ns_steps, ns_dtype=ns_dtype,
             maximize=maximize, foreach=foreach, fused=fused,
         )
@@ -207,7 +215,7 @@ class MARS(torch.optim.Optimizer):
         for j, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            branch = chain.branch(p, s.preconditioner, s.optimize_1d)
+            branch = chain.branch(p, s.preconditioner, s.optimize_1d, s.fallback)
             state = self.state[p]
             if len(state) == 0:
                 state.update(_new_state(p, branch, s.exact))
@@ -287,7 +295,7 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         raise ValueError(f"MARS: invalid {name}={group.get(name)!r}{where}: {rule}")
 
     for name in (*NUMBERS, "betas", "betas_1d", "preconditioner", "clip", "ns_steps", "ns_dtype", "exact",
-                 "optimize_1d", "maximize", "foreach", "fused"):
+                 "optimize_1d", "fallback", "maximize", "foreach", "fused"):
         if name not in group:
             raise ValueError(f"MARS: parameter group{where} has no setting {name!r} (was it removed by hand?)")
     for name, rule in NUMBERS.items():
@@ -318,7 +326,7 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         isinstance(group["ns_dtype"], torch.dtype) and group["ns_dtype"].is_floating_point
     ):
         bad("ns_dtype", "must be a floating torch.dtype or None")
-    for name in ("exact", "optimize_1d", "maximize", "foreach", "fused"):
+    for name in ("exact", "optimize_1d", "fallback", "maximize", "foreach", "fused"):
         if not isinstance(group[name], bool):
             bad(name, "must be True or False")
     if group["fused"]:
@@ -375,7 +383,7 @@ def _check_loaded_group(opt: MARS, i: int, group: dict) -> None:
         if not state:
             continue
         name = f"parameter group {i}, parameter {j}"
-        branch = chain.branch(p, group["preconditioner"], group["optimize_1d"])
+        branch = chain.branch(p, group["preconditioner"], group["optimize_1d"], group["fallback"])
         chain.check_state(p, state, branch, group["exact"], name, " (in the loaded state dict)")
         step = state.get("step")
         if torch.is_tensor(step) and step.numel() == 1:  # torch's optimizers keep a tensor: accept its value

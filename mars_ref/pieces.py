@@ -144,6 +144,21 @@ def adamw_direction(m: Tensor, v: Tensor, step: int, beta1: float, beta2: float,
     return m / denom
 
 
+def adam_direction_eps_first(m: Tensor, v: Tensor, step: int, beta1: float, beta2: float, eps: float) -> Tensor:
+    r"""Adam's direction with ε added *before* the bias corrections (Moonlight's AdamW, and the AdamW part of
+    the authors' MARS-M).
+
+    .. math::  u_t = \frac{m_t}{\sqrt{v_t} + ε} \cdot \frac{\sqrt{1-β_2^t}}{1-β_1^t}
+
+    The same as :func:`adamw_direction` but for where ε sits (it is ε/√(1−β2^t) there, in these units).
+    """
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    #   denom = (√v_t + ε) · (1−β1^t)/√(1−β2^t)
+    denom = (v.sqrt() + eps) * (bias_correction1 / math.sqrt(bias_correction2))
+    return m / denom
+
+
 def lion_direction(m: Tensor) -> Tensor:
     r"""Lion's preconditioner as MARS uses it:  .. math:: u_t = \mathrm{sign}(m_t)
 
@@ -234,6 +249,13 @@ def shampoo_scale(shape: Sequence[int]) -> float:
     r"""The authors' shape factor for the orthogonalised update: ``sqrt(max(1, rows/cols))``."""
     rows, cols = shape
     return max(1.0, rows / cols) ** 0.5
+
+
+def muon_scale(shape: Sequence[int]) -> float:
+    r"""MARS-M's (and Moonlight's) shape factor: ``0.2 · sqrt(max(rows, cols))``, which gives the orthogonalised
+    update about the RMS of an AdamW update (torch.optim.Muon's ``adjust_lr_fn="match_rms_adamw"``)."""
+    rows, cols = shape[:2]
+    return 0.2 * math.sqrt(max(rows, cols))
 
 
 # ---------------------------------------------------------------------------

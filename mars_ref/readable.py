@@ -7,7 +7,7 @@ For each tensor ``x`` on the MARS path, with ``g_t = ∇f(x_t, ξ_t)`` (``docs/a
     c_t &= g_t + γ \frac{β_1}{1-β_1}(g_t - g_{prev})                     && \text{1. correction} \\
     c_t &← c_t \min(1, τ/‖c_t‖)                                          && \text{2. clip} \\
     m_t &= β_1 m_{t-1} + (1-β_1) c_t                                     && \text{3. momentum} \\
-    u_t &= P(m_t)\quad \text{(AdamW, Lion or Shampoo)}                   && \text{4. precondition} \\
+    u_t &= P(m_t)\quad \text{(AdamW, Lion, Shampoo or MARS-M's Muon)}    && \text{4. precondition} \\
     x_{t+1} &= x_t - η(λ x_t + u_t)                                      && \text{5. decay + step}
 
 The clip needs ``‖c_t‖`` of every tensor before any momentum may change (and, for the global
@@ -47,7 +47,8 @@ def step(t: Tensors, s: Settings, clip: list[Tensor]) -> None:
         if s.exact:  # remember x_t: the next step evaluates its second gradient there
             t.prev_params[i].copy_(x)
         if branch == "fallback":
-            chain.adamw_update(x, g, m, v, t.steps[i], s.lr_1d, s.beta1_1d, s.beta2_1d, s.eps, s.weight_decay_1d)
+            chain.adamw_update(x, g, m, v, t.steps[i], s.lr_1d, s.beta1_1d, s.beta2_1d, s.eps, s.weight_decay_1d,
+                               s.fallback_eps_first)
             continue
         # 1. correction:  c_t = g_t + γ·β1/(1−β1)·(g_t − g_prev)
         c = chain.correction(g, t.prev_grads[i], s)

@@ -61,7 +61,7 @@ from .model import preset as model_preset
 from .optimizer import MARS
 from .variance import VarianceProbe
 
-OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo")
+OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo", "mars-m")
 STEP_IMPLS = ("readable", "foreach", "fused")  # MARS(foreach=...) / MARS(fused=...)
 CHECKPOINT_FORMAT = "mars_ref.train/1"
 
@@ -157,7 +157,13 @@ _LION = dict(beta1=0.9, beta2=0.99, weight_decay=1.0, grad_clip=1.0)
 _MUON = dict(beta1=0.95, beta2=0.95, weight_decay=0.0, grad_clip=1.0)
 
 
-def _gpt2_recipe(mars_lr, lr_1d, adamw_lr, min_lr, muon_lr):
+# MARS-M, the authors' MARS_M/train_mars_m.py: β1 0.95, γ 0.025, weight decay 0.1 on every tensor, the AdamW part
+# at the same lr with betas (0.9, 0.95); their README's OpenWebText lr: 6e-3 (small), 5e-3 (medium, large); min_lr
+# is their script's default 6e-5 (their config files are not in their repository).
+_MARS_M = dict(beta1=0.95, beta2=0.99, weight_decay=0.1, gamma=0.025, grad_clip=1.0)
+
+
+def _gpt2_recipe(mars_lr, lr_1d, adamw_lr, min_lr, muon_lr, mars_m_lr):
     """The six optimizers' hyperparameters for one GPT-2 size, from its MARS, AdamW and Muon learning rates."""
     return {
         "mars-adamw": dict(_MARS, lr=mars_lr, lr_1d=lr_1d, min_lr=min_lr),
@@ -167,14 +173,17 @@ def _gpt2_recipe(mars_lr, lr_1d, adamw_lr, min_lr, muon_lr):
         "adamw": dict(_ADAMW, lr=adamw_lr, lr_1d=adamw_lr, min_lr=min_lr),
         "lion": dict(_LION, lr=adamw_lr / 6, lr_1d=adamw_lr / 6, min_lr=min_lr / 10),
         "muon": dict(_MUON, lr=muon_lr, lr_1d=lr_1d, min_lr=muon_lr * min_lr / lr_1d),
+        "mars-m": dict(_MARS_M, lr=mars_m_lr, lr_1d=mars_m_lr, min_lr=6e-5),
     }
 
 
 # (preset, optimizer) -> optimizer hyperparameters. GPT-2 rows: "The paper's numbers" in docs/algorithm.md.
 OPTIM_RECIPES: dict[str, dict[str, dict]] = {
-    "gpt2-small": _gpt2_recipe(mars_lr=6e-3, lr_1d=3e-3, adamw_lr=6e-4, min_lr=3e-5, muon_lr=2e-2),
-    "gpt2-medium": _gpt2_recipe(mars_lr=3e-3, lr_1d=1.5e-3, adamw_lr=3e-4, min_lr=6e-5, muon_lr=1e-2),
-    "gpt2-large": _gpt2_recipe(mars_lr=2e-3, lr_1d=1e-3, adamw_lr=2e-4, min_lr=1e-5, muon_lr=6.7e-3),
+    "gpt2-small": _gpt2_recipe(mars_lr=6e-3, lr_1d=3e-3, adamw_lr=6e-4, min_lr=3e-5, muon_lr=2e-2, mars_m_lr=6e-3),
+    "gpt2-medium": _gpt2_recipe(mars_lr=3e-3, lr_1d=1.5e-3, adamw_lr=3e-4, min_lr=6e-5, muon_lr=1e-2,
+                                mars_m_lr=5e-3),
+    "gpt2-large": _gpt2_recipe(mars_lr=2e-3, lr_1d=1e-3, adamw_lr=2e-4, min_lr=1e-5, muon_lr=6.7e-3,
+                               mars_m_lr=5e-3),
 }
 # CPU presets, on character-level Shakespeare (cpu-tiny: 4 × 128, 900 steps of 16 × 128). Validation
 # loss at step 900 of the learning rates tried here: MARS-AdamW 5e-3: 1.92, 1e-2: 1.83, 2e-2: 1.82,
@@ -187,6 +196,8 @@ _CPU = {
     "adamw": dict(_ADAMW, lr=6e-3, lr_1d=6e-3, min_lr=6e-5),  # best of 1e-3 / 3e-3 / 6e-3 at 900 steps
     "lion": dict(_LION, lr=5e-4, lr_1d=5e-4, min_lr=5e-6, weight_decay=0.3),
     "muon": dict(_MUON, lr=3e-2, lr_1d=5e-3, min_lr=3e-4),
+    # untuned: the authors' GPT-2 small lr, which is also the CPU AdamW recipe's (the AdamW part runs at it)
+    "mars-m": dict(_MARS_M, lr=6e-3, lr_1d=6e-3, min_lr=6e-5),
 }
 OPTIM_RECIPES["cpu-tiny"] = OPTIM_RECIPES["cpu-mini"] = _CPU
 
@@ -203,6 +214,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"unknown step_impl {cfg.step_impl!r}; choose one of {STEP_IMPLS}")
     if cfg.step_impl != "readable" and not cfg.optimizer.startswith("mars"):
         raise ConfigError(f"--step_impl is a MARS option; optimizer {cfg.optimizer!r} has its own step")
+    if cfg.step_impl == "fused" and cfg.optimizer in ("mars-shampoo", "mars-m"):
+        raise ConfigError(f"--step-impl fused computes MARS-AdamW and MARS-Lion; {cfg.optimizer}'s step is "
+                          "Newton–Schulz matrix products: use --step-impl foreach (or readable)")
     defaults = {**TRAIN_PRESETS[cfg.preset], "gamma": 0.0,  # γ: MARS only
                 **OPTIM_RECIPES[cfg.preset][cfg.optimizer]}
     filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
@@ -385,6 +399,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> tor
         return Lion(groups, lr=cfg.lr, betas=betas)
     if cfg.optimizer == "muon":
         return Muon(params, lr=cfg.lr, momentum=cfg.beta1, weight_decay=cfg.weight_decay, lr_1d=cfg.lr_1d)
+    if cfg.optimizer == "mars-m":
+        # as the authors' MARS-M script: the embeddings (wte, tied with the head, and wpe) on the AdamW part too,
+        # which decays with the same weight decay
+        embeddings = {id(p) for name, p in model.named_parameters() if name.endswith(("wte.weight", "wpe.weight"))}
+        groups = [{"params": [p for p in params if id(p) not in embeddings]},
+                  {"params": [p for p in params if id(p) in embeddings], "fallback": True}]
+        return MARS(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, gamma=cfg.gamma,
+                    preconditioner="muon", exact=cfg.exact, lr_1d=cfg.lr_1d, weight_decay_1d=cfg.weight_decay,
+                    foreach=cfg.step_impl == "foreach")
     return MARS(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, gamma=cfg.gamma,
                 preconditioner=cfg.optimizer.removeprefix("mars-"), exact=cfg.exact, lr_1d=cfg.lr_1d,
                 foreach=cfg.step_impl == "foreach", fused=cfg.step_impl == "fused")

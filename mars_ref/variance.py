@@ -163,7 +163,7 @@ class VarianceProbe:
         for group in self.optimizer.param_groups:
             s = chain.Settings.of(group)
             ps = [p for p in group["params"] if p in index]
-            branches = [chain.branch(p, s.preconditioner, s.optimize_1d) for p in ps]
+            branches = [chain.branch(p, s.preconditioner, s.optimize_1d, s.fallback) for p in ps]
             prev = [chain.previous_gradient(p, state.get(p, {}), b, s.exact, g_prev_exact)
                     for p, b in zip(ps, branches, strict=True)]
             t = chain.Tensors(ps, [grads[index[p]] for p in ps], prev, [], [], [], [], branches, [])
@@ -172,7 +172,7 @@ class VarianceProbe:
         for i, p in enumerate(self.params):
             group = self.group_of[p]
             s = chain.Settings.of(group)
-            if chain.branch(p, s.preconditioner, s.optimize_1d) != "fallback":
+            if chain.branch(p, s.preconditioner, s.optimize_1d, s.fallback) != "fallback":
                 st = state.get(p, {})
                 t = st.get("step", 0) + 1
                 #   m̂_t = (β1·m_{t−1} + (1−β1)·c_t) / (1 − β1^t)
