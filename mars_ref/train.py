@@ -29,6 +29,39 @@ and the config.
 Outputs in ``--out-dir`` (``runs/<preset>-<optimizer>`` by default): ``config.json``,
 ``metrics.jsonl`` (one JSON object per log / eval / variance measurement) and ``ckpt.pt``.
 
+Safety (``tests/test_faults_train.py``, ``scripts/fault_injection.py``):
+
+* Every setting is checked before any data is read or file written (``resolve``, ``check_out_dir``):
+  a number out of range, an unknown name, an ``--out-dir`` that is a file or cannot be written is a
+  ``ConfigError`` naming the flag and what would be valid. ``--max-iters 0`` is valid: nothing is trained (the untrained
+  model is evaluated and sampled) and no checkpoint is written.
+* ``ckpt.pt`` is ``torch.save``'s zip followed by a 48-byte trailer, ``CHECKSUM_MAGIC`` and the
+  sha256 of the zip (``torch.load`` still reads the file). It is written to ``ckpt.pt.tmp``, synced
+  and renamed: a killed run leaves the previous checkpoint or the new one, whole; a full disk leaves
+  the previous one and no ``.tmp``. ``load_checkpoint`` checks the sha256 first: a changed byte
+  anywhere is a ``CheckpointError``. Checkpoints of format ``mars_ref.train/1`` (before checksums)
+  still load, with a note that they could not be verified.
+* ``--resume`` continues the same run: the flags given may change only ``RESUMABLE`` settings (when
+  to log, evaluate, checkpoint, sample and stop; where and how fast to compute). Any other setting
+  that differs from the checkpoint's (model, data, batch, optimizer, schedule, seed...) is a
+  ``ConfigError`` listing each one with its saved and given values: start a new run to change it.
+  ``config.json`` is what runs.
+* A new run (no ``--resume``) in a directory that holds an earlier run's ``metrics.jsonl`` or
+  ``ckpt.pt`` is refused unless ``--overwrite`` (which deletes them once the new run is set up).
+* Ctrl-C (SIGINT) or SIGTERM: the step in progress finishes, a checkpoint of it is written, and the
+  run exits with status 128 + the signal (130, 143); ``--resume`` then continues on the identical
+  trajectory. A second signal stops at once. A signal the parent process ignores (a shell's
+  background job ignores SIGINT) stays ignored.
+* A non-finite training or validation loss, weights that are no longer finite, or a non-finite
+  gradient refused by MARS (``FloatingPointError``) stop the run with a ``TrainingError`` naming
+  the step; no checkpoint is written after the last good one.
+
+Exit status of ``python -m mars_ref.train``: 0 done; 2 the command line or an input cannot be used
+(``ConfigError``, ``CheckpointError``, ``mars_ref.data.DataError``, and argparse's own errors);
+1 the run failed (``TrainingError``; ``OSError``s such as a full or read-only disk,
+``mars_ref.data.StorageError``); 130 / 143 stopped by SIGINT / SIGTERM. Errors are one line
+``error: ...`` on stderr, without a traceback.
+
 ``train`` (at the end of this file) is the whole run, in order: ``setup_run``, then for each step
 ``train_step`` (which calls ``closure``), ``log_train``, ``log_eval`` and ``write_checkpoint``, then
 ``sample_text``. The run's live objects travel between them in one ``Run``.
@@ -37,15 +70,22 @@ Outputs in ``--out-dir`` (``runs/<preset>-<optimizer>`` by default): ``config.js
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import json
 import math
+import numbers
 import os
 import random
+import re
+import signal
 import sys
+import tempfile
+import threading
 import time
 import typing
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -56,6 +96,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .baselines import Lion, Muon
+from .data import DataError, StorageError
 from .model import GPT, GPTConfig
 from .model import preset as model_preset
 from .optimizer import MARS
@@ -63,10 +104,14 @@ from .variance import VarianceProbe
 
 OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo", "mars-m")
 STEP_IMPLS = ("readable", "foreach", "fused")  # MARS(foreach=...) / MARS(fused=...)
-CHECKPOINT_FORMAT = "mars_ref.train/1"
+CHECKPOINT_FORMAT = "mars_ref.train/2"  # torch.save's zip + CHECKSUM_MAGIC + sha256 of the zip
+LEGACY_FORMATS = ("mars_ref.train/1",)  # no checksum: loaded unverified, with a note
+CHECKSUM_MAGIC = b"\nMARS_REF_SHA256"  # 16 bytes; then the 32-byte digest ends the file
+TRAILER_BYTES = len(CHECKSUM_MAGIC) + 32
 
 # Random streams of the data sampler: one per use, so adding evaluations never shifts training batches.
 TRAIN_STREAM, VAL_STREAM, HELDOUT_STREAM = 0, 1, 2
+NEVER = 2**62  # Run.first_bad when every loss so far was finite
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -77,7 +122,19 @@ class ConfigError(ValueError):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or not one of ours."""
+    """A checkpoint is missing, truncated, corrupt, not one of ours or not of this run."""
+
+
+class TrainingError(RuntimeError):
+    """The run failed while training (a non-finite loss or weights): the message names the step."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run after a step, with a checkpoint of it; ``status`` is 128 + the signal."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -127,6 +184,8 @@ class TrainConfig:
     sample_tokens: int | None = field(default=None, metadata={"help": "tokens to sample at the end"})
     out_dir: str | None = field(default=None, metadata={"help": "run directory (runs/<preset>-<opt>)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/ckpt.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "start a new run in an OUT_DIR that holds an earlier "
+                                                     "run's metrics.jsonl or ckpt.pt, deleting them"})
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, mps"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA), float32, bfloat16"})
@@ -221,7 +280,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                 **OPTIM_RECIPES[cfg.preset][cfg.optimizer]}
     filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     cfg = replace(cfg, **filled)
-    mc = model_preset(cfg.model)
+    try:
+        mc = model_preset(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from e
     cfg = replace(cfg, **{k: getattr(mc, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout",
                                                         "bias") if getattr(cfg, k) is None})
     if cfg.lr_decay_iters is None:
@@ -233,7 +295,71 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg = replace(cfg, out_dir=str(Path("runs") / name))
     missing = [f.name for f in fields(cfg) if getattr(cfg, f.name) is None]
     assert not missing, f"unresolved config fields {missing}"
+    check_config(cfg)
     return cfg
+
+
+# The valid range of every number of a run (checked by ``check_config``): ("int", lowest) is an integer
+# >= lowest, ("float", 0) a finite number >= 0, "unit" a number in [0, 1).
+NUMBER_RANGES: dict[str, tuple | str] = {
+    **{k: ("int", 1) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
+                               "log_interval", "eval_iters", "variance_batches")},
+    **{k: ("int", 0) for k in ("max_iters", "warmup_iters", "lr_decay_iters", "eval_interval", "ckpt_interval",
+                               "variance_every", "sample_tokens", "seed")},
+    **{k: ("float", 0) for k in ("lr", "min_lr", "lr_1d", "weight_decay", "gamma", "grad_clip")},
+    **{k: "unit" for k in ("beta1", "beta2", "dropout")},
+}
+# What 0 means where it is allowed and special.
+ZERO_MEANS = {"max_iters": "train nothing", "warmup_iters": "no warm-up", "eval_interval": "no evaluation",
+              "ckpt_interval": "a checkpoint at the end only", "variance_every": "no variance probe",
+              "sample_tokens": "no sample", "grad_clip": "no clipping"}
+DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16")
+MAX_SEED = 2**63 - 1
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a ``TrainConfig`` field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def range_error(name: str, value) -> str | None:
+    """Why ``value`` is not valid for the number ``name`` (``None`` if it is)."""
+    rule = NUMBER_RANGES[name]
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    is_number = (is_int or isinstance(value, float)) and math.isfinite(value)
+    if rule == "unit":
+        ok, valid = is_number and 0 <= value < 1, "a number in [0, 1)"
+    elif rule[0] == "float":
+        ok, valid = is_number and value >= 0, "a finite number >= 0"
+    else:
+        top = MAX_SEED if name == "seed" else None
+        ok = is_int and value >= rule[1] and (top is None or value <= top)
+        valid = f"an integer >= {rule[1]}" + (" and <= 2**63 - 1" if top else "")
+    if ok:
+        return None
+    zero = f" (0: {ZERO_MEANS[name]})" if name in ZERO_MEANS else ""
+    return f"{flag(name)} must be {valid}{zero}, not {value!r}"
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ``ConfigError`` naming the flag and its valid values for anything a run cannot use."""
+    problems = [p for p in (range_error(k, getattr(cfg, k)) for k in NUMBER_RANGES) if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if cfg.n_embd % cfg.n_head:
+        near = cfg.n_head * max(1, round(cfg.n_embd / cfg.n_head))
+        raise ConfigError(f"--n-embd {cfg.n_embd} is not a multiple of --n-head {cfg.n_head}: the embedding is "
+                          f"split into n_head heads of equal size (e.g. --n-embd {near})")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}: the schedule decays from lr down to min_lr; "
+                          "give a --min-lr <= --lr")
+    if not isinstance(cfg.device, str) or not DEVICES.fullmatch(cfg.device):
+        raise ConfigError(f"--device {cfg.device!r} is not a device: choose auto, cpu, cuda, cuda:N or mps")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {cfg.dtype!r} is not a dtype: choose one of {', '.join(DTYPES)}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --out-dir and --overwrite replaces it: give one of them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +427,14 @@ def pick_device(name: str, d: Dist) -> str:
             name = "mps"
         else:
             name = "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, no GPU visible): "
+                          "use --device cpu, or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise ConfigError("--device mps: Apple's MPS is not available here: use --device cpu, or auto")
     if name == "cuda" and "RANK" in os.environ:
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return name
@@ -349,7 +483,7 @@ class Batches:
         for s, tokens in self.splits.items():
             if len(tokens) <= block_size + 1:
                 raise ConfigError(f"{data_path / (s + '.bin')} has {len(tokens)} tokens: too few for "
-                                 f"block_size={block_size}")
+                                  f"--block-size {block_size} (give one below {len(tokens) - 1})")
         self.seed, self.block_size, self.batch_size, self.device = seed, block_size, batch_size, device
 
     def get(self, split: str, stream: int, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,12 +503,22 @@ def prepare_data(cfg: TrainConfig, d: Dist) -> tuple[Path, dict]:
     """Prepare the data set (rank 0 first, the others wait) and read its meta.json."""
     from . import data
 
+    def prepare() -> Path:
+        try:
+            return Path(data.prepare(cfg.dataset, data_dir=cfg.data_dir))
+        except DataError:
+            raise
+        except ValueError as e:  # a request mars_ref.data cannot serve, e.g. an unknown corpus without a source
+            raise ConfigError(f"--dataset {cfg.dataset!r} (--data-dir {cfg.data_dir}): {e}; a corpus of your own is "
+                              f"prepared first with: python -m mars_ref.data {cfg.dataset} --source PATH "
+                              f"--data-dir {cfg.data_dir}") from e
+
     if d.master:
-        path = Path(data.prepare(cfg.dataset, data_dir=cfg.data_dir))
+        path = prepare()
     if d.world > 1:
         dist.barrier()
     if not d.master:
-        path = Path(data.prepare(cfg.dataset, data_dir=cfg.data_dir))
+        path = prepare()
     return path, data.load_meta(path)
 
 
@@ -433,22 +577,116 @@ def lr_factor(cfg: TrainConfig):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same directory, fsync, then ``os.replace``.
+def os_error_text(e: OSError, where: Path, action: str) -> str:
+    """A one-line explanation of an ``OSError`` met while ``action`` in ``where``, with what to do."""
+    full = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EFBIG: "the file is too large for this file system"}
+    if e.errno in full:
+        return f"{where}: {full[e.errno]} while {action}: free some space, or choose another --out-dir"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+        return f"{where}: cannot write ({why}) while {action}: make it writable, or choose another --out-dir"
+    return f"{where}: {action} failed: {e.strerror or e}"
 
-    A run killed at any moment leaves either the previous checkpoint or the new one, whole.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+
+@contextmanager
+def storage(where: Path, action: str, after: str = "") -> Iterator[None]:
+    """Turn an ``OSError`` of the file system into a ``StorageError`` that says what happened and what to do."""
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError(os_error_text(e, where, action) + after, e.errno) from e
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` whole or not at all: a temporary file beside it, synced, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def sha256_of(f, n_bytes: int) -> bytes:
+    """The sha256 of the first ``n_bytes`` of the open binary file ``f``, read from its start."""
+    f.seek(0)
+    digest = hashlib.sha256()
+    while n_bytes > 0:
+        chunk = f.read(min(n_bytes, 1 << 20))
+        if not chunk:
+            break
+        digest.update(chunk)
+        n_bytes -= len(chunk)
+    return digest.digest()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``torch.save(state)`` and its checksum trailer atomically: a temporary file in the same directory,
+    fsync, then ``os.replace``.
+
+    A run killed at any moment leaves either the previous checkpoint or the new one, whole; any error (a full disk)
+    removes the temporary file and leaves the previous checkpoint as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    after = (". The previous checkpoint is intact and the partial file was removed; continue with --resume once "
+             "that is fixed")
+    with storage(path, "writing a checkpoint", after):
+        try:
+            with open(tmp, "w+b") as f:
+                torch.save(state, f)
+                f.flush()
+                size = f.seek(0, os.SEEK_END)
+                digest = sha256_of(f, size)
+                f.seek(size)
+                f.write(CHECKSUM_MAGIC + digest)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)  # make the rename itself durable
+
+
+def verify_checksum(path: Path) -> bool:
+    """True if ``path`` ends with a checksum trailer that matches its contents; False if it has no trailer (a
+    format 1 checkpoint, or a damaged trailer); ``CheckpointError`` if the checksum does not match."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < TRAILER_BYTES:
+                return False
+            f.seek(size - TRAILER_BYTES)
+            trailer = f.read(TRAILER_BYTES)
+            if not trailer.startswith(CHECKSUM_MAGIC):
+                return False
+            ok = sha256_of(f, size - TRAILER_BYTES) == trailer[len(CHECKSUM_MAGIC):]
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e})") from e
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match their sha256 checksum (a "
+                              f"changed or damaged byte). {CORRUPT_FIX}")
+    return True
+
+
+CORRUPT_FIX = ("Restore a good copy, or start a new run in its directory (--overwrite) or in another --out-dir, "
+               "without --resume.")
 
 
 def model_config(cfg: TrainConfig, meta: dict) -> GPTConfig:
@@ -463,8 +701,9 @@ def model_config(cfg: TrainConfig, meta: dict) -> GPTConfig:
 
 def load_model(run_dir: str | Path) -> GPT:
     """The model of a run's last checkpoint (``RUN_DIR/ckpt.pt``), on the CPU, in eval mode."""
-    ckpt = load_checkpoint(Path(run_dir) / "ckpt.pt")
-    cfg = TrainConfig(**ckpt["config"])
+    path = Path(run_dir) / "ckpt.pt"
+    ckpt = load_checkpoint(path)
+    cfg = saved_config(ckpt, path)
     vocab_size = json.loads((Path(run_dir) / "config.json").read_text())["vocab_size"]
     model = GPT(model_config(cfg, {"vocab_size": vocab_size}))
     model.load_state_dict(ckpt["model"])
@@ -472,22 +711,44 @@ def load_model(run_dir: str | Path) -> GPT:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint, or raise ``CheckpointError`` naming the file: never start afresh silently."""
+    """Read a checkpoint, or raise ``CheckpointError`` naming the file: never start afresh silently.
+
+    The sha256 trailer is checked before the file is unpickled. A format 1 checkpoint (written before checksums)
+    is read unverified, with a note on stderr."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {path} (run without --resume to start a new run)")
+        raise CheckpointError(f"--resume: no checkpoint at {path} (run without --resume to start a new run; "
+                              "--overwrite if the directory holds an earlier run's files)")
+    verified = verify_checksum(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, bad pickle, ...: all mean the same thing here
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}: {e}). "
-            f"Restore a good copy, or delete it and start again without --resume."
+            f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}: {e}). {CORRUPT_FIX}"
         ) from e
     required = {"format", "step", "config", "model", "optimizer", "scheduler", "rng", "metrics"}
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= set(state):
+    formats = (CHECKPOINT_FORMAT, *LEGACY_FORMATS)
+    if not isinstance(state, dict) or state.get("format") not in formats or not required <= set(state):
         missing = sorted(required - set(state)) if isinstance(state, dict) else "everything"
-        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint "
-                              f"(missing {missing})")
+        raise CheckpointError(f"checkpoint {path} is not a {' or '.join(formats)} checkpoint "
+                              f"(format {state.get('format') if isinstance(state, dict) else None!r}, "
+                              f"missing {missing})")
+    if state["format"] == CHECKPOINT_FORMAT and not verified:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its checksum trailer is missing or damaged. "
+                              f"{CORRUPT_FIX}")
+    if not verified:
+        print(f"note: {path} is a {state['format']} checkpoint, written before checkpoints carried a checksum: "
+              "read without verifying it (this run's next checkpoint will carry one)", file=sys.stderr)
     return state
+
+
+def saved_config(ckpt: dict, path: Path) -> TrainConfig:
+    """The ``TrainConfig`` a checkpoint was written with (``CheckpointError`` if it is not one)."""
+    try:
+        return TrainConfig(**ckpt["config"])
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint {path} holds a config this version cannot read ({e}): it was "
+                              "written by another version of mars_ref") from e
 
 
 def rng_states(device: str) -> dict:
@@ -555,6 +816,12 @@ class Run:
     # Throughput for the progress bar: tokens/s since the last "train" record.
     window_step: int = 0
     window_t: float = 0.0
+    # Failure and stopping: the first step (1-based) whose loss was not finite (NEVER: none; a tensor on the
+    # device, so that watching it costs no synchronisation), the step of the last checkpoint (None: none yet),
+    # and the signal that asked the run to stop.
+    first_bad: torch.Tensor | None = None
+    ckpt_step: int | None = None
+    stop_signal: int | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -579,7 +846,7 @@ class Run:
     def log(self, record: dict) -> None:
         """Append one record to metrics.jsonl (rank 0 only)."""
         if self.d.master:
-            with open(self.metrics_path, "a") as f:
+            with storage(self.metrics_path, "appending to metrics.jsonl"), open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
@@ -588,22 +855,24 @@ class Run:
 
 def setup_run(cfg: TrainConfig, given: dict) -> Run:
     """Everything before the first step: processes, config, data, model, optimizer, resumed state, output files."""
-    d = setup_distributed(pick_device(cfg.device, Dist()))
     cfg = resolve(cfg)
+    d = setup_distributed(pick_device(cfg.device, Dist()))
     # This command line's run directory: a resumed run continues here, wherever its config says it started.
     out_dir = Path(cfg.out_dir)
     cfg, ckpt = resume_config(cfg, given, out_dir, d)
+    check_out_dir(out_dir)
     device = pick_device(cfg.device, d)
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # NCCL collectives (and all_gather_object) use the current device
     if cfg.grad_accum % d.world:
-        raise ConfigError(f"grad_accum={cfg.grad_accum} must be a multiple of the world size ({d.world})")
+        raise ConfigError(f"--grad-accum {cfg.grad_accum} must be a multiple of the world size ({d.world})")
 
     data_path, meta = prepare_data(cfg, d)
     raw_model, optimizer, scheduler = build_model(cfg, meta, d, device)
     start_step, elapsed, grad_evals = 0, 0.0, 0
     if ckpt is not None:
-        start_step, elapsed, grad_evals = restore(ckpt, raw_model, optimizer, scheduler, d, device)
+        start_step, elapsed, grad_evals = restore(ckpt, raw_model, optimizer, scheduler, d, device,
+                                                  out_dir / "ckpt.pt", meta)
         del ckpt  # free its copy of the weights and optimizer state before training
 
     model = wrap_model(raw_model, cfg, d, device)
@@ -613,7 +882,8 @@ def setup_run(cfg: TrainConfig, given: dict) -> Run:
               optimizer=optimizer, optimizer_step=compile_step(optimizer, cfg), scheduler=scheduler,
               batches=batches, autocast=autocast,
               my_micro=list(range(d.rank, cfg.grad_accum, d.world)), start_step=start_step, elapsed=elapsed,
-              grad_evals=grad_evals)
+              grad_evals=grad_evals, first_bad=torch.full((), NEVER, dtype=torch.int64, device=device),
+              ckpt_step=start_step if start_step > 0 else None)
     if d.master:
         write_run_files(run)
     if cfg.variance_every > 0 and d.master:
@@ -623,21 +893,69 @@ def setup_run(cfg: TrainConfig, given: dict) -> Run:
     return run
 
 
+# What a resumed run may change: when it logs, evaluates, checkpoints, samples and stops, and where and how fast
+# it computes (the same math on the same state; another device or dtype rounds differently). Everything else (the
+# model, the data and its batches, the optimizer and its schedule, the seed, what an evaluation or a variance
+# measurement averages over) is the run itself: a resumed run follows the trajectory the uninterrupted one would.
+RESUMABLE = frozenset({"max_iters", "eval_interval", "log_interval", "ckpt_interval", "variance_every",
+                       "sample_tokens", "out_dir", "data_dir", "device", "dtype", "compile", "step_impl"})
+
+
 def resume_config(cfg: TrainConfig, given: dict, out_dir: Path, d: Dist) -> tuple[TrainConfig, dict | None]:
-    """The run's config and, with --resume, its checkpoint (whose config the given flags override)."""
-    ckpt_path = out_dir / "ckpt.pt"
+    """The run's config and, with --resume, its checkpoint: the checkpoint's config, with the ``RESUMABLE``
+    settings given on this command line (``ConfigError`` for any other that differs)."""
     if not cfg.resume:
-        if ckpt_path.exists() and d.master:
-            print(f"note: starting a new run in {out_dir}; its checkpoint will be overwritten "
-                  "(--resume continues it instead)")
+        check_new_run_dir(out_dir, cfg.overwrite, d)
         return cfg, None
+    ckpt_path = out_dir / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path)
-    saved = TrainConfig(**ckpt["config"])
-    # The saved config, with the flags given on this command line on top (say what changed).
-    overrides = {k: v for k, v in given.items() if k != "resume" and getattr(saved, k) != v}
-    if overrides and d.master:
-        print(f"resume: overriding the checkpoint's config with {overrides}")
-    return replace(saved, **overrides, resume=True), ckpt
+    saved = saved_config(ckpt, ckpt_path)
+    changes = {k: v for k, v in given.items() if k not in ("resume", "overwrite") and getattr(saved, k) != v}
+    fixed = {k: v for k, v in changes.items() if k not in RESUMABLE}
+    if fixed:
+        listed = ", ".join(f"{flag(k)} (checkpoint: {getattr(saved, k)!r}, given: {v!r})" for k, v in fixed.items())
+        raise ConfigError(f"--resume continues the run in {ckpt_path}, and these settings cannot change during a "
+                          f"run: {listed}. A resumed run may change only "
+                          f"{', '.join(flag(k) for k in sorted(RESUMABLE))}; to train with other settings start "
+                          "a new run (another --out-dir, or --overwrite)")
+    if changes.get("max_iters", ckpt["step"]) < ckpt["step"]:
+        raise ConfigError(f"--max-iters {changes['max_iters']} is below the checkpoint's step {ckpt['step']}: "
+                          f"a run cannot be shortened (give --max-iters >= {ckpt['step']})")
+    if changes and d.master:
+        print(f"resume: changing {changes} (every other setting from the checkpoint)")
+    if changes.get("max_iters", 0) > saved.lr_decay_iters and d.master:
+        print(f"note: --max-iters {changes['max_iters']} goes past the end of the run's lr schedule "
+              f"(--lr-decay-iters {saved.lr_decay_iters}): the lr stays at min_lr = {saved.min_lr} from there")
+    merged = {**asdict(saved), **changes, "out_dir": str(out_dir), "resume": True, "overwrite": False}
+    return resolve(TrainConfig(**merged)), ckpt
+
+
+RUN_FILES = ("metrics.jsonl", "ckpt.pt")  # what a new run refuses to replace without --overwrite
+
+
+def check_new_run_dir(out_dir: Path, overwrite: bool, d: Dist) -> None:
+    """A new run may not replace an earlier run's files in ``out_dir`` unless ``overwrite``."""
+    found = [n for n in RUN_FILES if (out_dir / n).is_file() and (out_dir / n).stat().st_size > 0]
+    if found and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(found)}): continue it with --resume, "
+                          "start it again with --overwrite (which deletes them), or choose another --out-dir")
+    if found and d.master:
+        print(f"note: --overwrite: deleting the earlier run's {' and '.join(found)} in {out_dir}")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and make sure files can be written there (``ConfigError`` naming it otherwise)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is a file, not a directory: give a directory (created if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        why = "read-only file system" if e.errno == errno.EROFS else e.strerror or str(e)
+        raise ConfigError(f"--out-dir {out_dir} cannot be written ({why}): make it writable, or give another "
+                          "--out-dir") from e
 
 
 def build_model(cfg: TrainConfig, meta: dict, d: Dist, device: str
@@ -652,12 +970,24 @@ def build_model(cfg: TrainConfig, meta: dict, d: Dist, device: str
     return model, optimizer, scheduler
 
 
-def restore(ckpt: dict, model: GPT, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LambdaLR, d: Dist, device: str) -> tuple[int, float, int]:
-    """Load a checkpoint into the run's objects and this process's RNGs: (step, elapsed seconds, grad_evals)."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+def restore(ckpt: dict, model: GPT, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+            d: Dist, device: str, path: Path, meta: dict) -> tuple[int, float, int]:
+    """Load a checkpoint into the run's objects and this process's RNGs: (step, elapsed seconds, grad_evals).
+    ``CheckpointError`` if it does not fit them (another run's checkpoint, another corpus)."""
+    corpus = ckpt.get("data", {}).get("corpus", {})
+    differ = {k: (v, meta.get(k)) for k, v in corpus.items() if meta.get(k) != v}
+    if differ:
+        raise CheckpointError(f"checkpoint {path} was trained on another corpus than the one in --data-dir "
+                              f"--dataset (checkpoint vs now: {differ}): give the run's data")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        detail = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"checkpoint {path} does not fit the model and optimizer its config describes "
+                              f"({type(e).__name__}: {detail}): it was written by another run or version; "
+                              f"{CORRUPT_FIX}") from e
     per_rank = ckpt["rng"]
     if len(per_rank) == d.world:
         set_rng_states(per_rank[d.rank], device)
@@ -688,15 +1018,19 @@ def compile_step(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Callable
 
 
 def write_run_files(run: Run) -> None:
-    """Create the run directory, start metrics.jsonl (keeping a resumed run's records) and write config.json."""
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    # A resumed run rewrites what the killed run logged after its last checkpoint.
-    kept = read_metrics(run.metrics_path, up_to_step=run.start_step) if run.start_step > 0 else []
-    run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    (run.out_dir / "config.json").write_text(json.dumps(
-        {**asdict(run.cfg), "world_size": run.d.world, "device": run.device,
-         "vocab_size": run.raw_model.config.vocab_size, "n_params": run.raw_model.num_params(),
-         "tokens_per_step": run.tokens_per_step}, indent=2) + "\n")
+    """Start metrics.jsonl (keeping a resumed run's records up to its checkpoint) and write config.json, each
+    replaced whole or not at all. A new run first deletes an earlier run's checkpoint (``--overwrite``)."""
+    with storage(run.out_dir, "writing config.json and metrics.jsonl"):
+        (run.out_dir / "ckpt.pt.tmp").unlink(missing_ok=True)  # what a killed checkpoint write left
+        if run.start_step == 0:
+            run.ckpt_path.unlink(missing_ok=True)
+        # A resumed run rewrites what the killed run logged after its last checkpoint.
+        kept = read_metrics(run.metrics_path, up_to_step=run.start_step) if run.start_step > 0 else []
+        write_atomic(run.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(run.out_dir / "config.json", json.dumps(
+            {**asdict(run.cfg), "world_size": run.d.world, "device": run.device,
+             "vocab_size": run.raw_model.config.vocab_size, "n_params": run.raw_model.num_params(),
+             "tokens_per_step": run.tokens_per_step}, indent=2) + "\n")
 
 
 def make_variance_probe(run: Run) -> VarianceProbe:
@@ -719,11 +1053,18 @@ def progress_bar(cfg: TrainConfig, start_step: int, d: Dist) -> tqdm:
 def train_step(run: Run, step: int) -> None:
     """Step ``step`` (0-based): the gradient of its global batch, the optimizer's update, the schedule's."""
     run.step, run.calls = step, 0
-    if run.cfg.exact:
-        run.optimizer.step(lambda: closure(run))  # MARS calls it at x_t, then again at x_{t-1}
-    else:
-        closure(run)
-        run.optimizer_step()
+    try:
+        if run.cfg.exact:
+            run.optimizer.step(lambda: closure(run))  # MARS calls it at x_t, then again at x_{t-1}
+        else:
+            closure(run)
+            run.optimizer_step()
+    except FloatingPointError as e:  # MARS refuses a non-finite gradient before it changes anything
+        loss = f" (the training loss was {run.loss.item()})" if run.loss is not None and run.calls else ""
+        reason = str(e).rstrip(".")
+        raise diverged(run, step + 1, f"the optimizer refused a non-finite gradient{loss}: {reason}") from e
+    # Remember the first step with a non-finite loss, without waiting for the device.
+    run.first_bad.masked_fill_(~torch.isfinite(run.loss) & (run.first_bad == NEVER), step + 1)
     run.scheduler.step()
 
 
@@ -787,8 +1128,37 @@ def evaluate(run: Run) -> float:
     return total.item() / run.cfg.eval_iters
 
 
+def diverged(run: Run, step: int, what: str) -> TrainingError:
+    """The error that stops a run whose step ``step`` went wrong: what happened and which checkpoint is kept."""
+    if run.ckpt_step is None:
+        kept = "no checkpoint was written"
+    else:
+        kept = f"the last good checkpoint, of step {run.ckpt_step}, is kept in {run.ckpt_path}"
+    return TrainingError(f"step {step}: {what}. Training stopped; {kept}. Try a lower --lr, a longer "
+                         "--warmup-iters or --grad-clip, in a new run")
+
+
+def check_finite(run: Run) -> None:
+    """Raise ``TrainingError`` if a step so far had a non-finite training loss (on any process)."""
+    first = run.first_bad
+    if run.d.world > 1:
+        first = first.clone()
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    step = int(first.item())
+    if step != NEVER:
+        raise diverged(run, step, "the training loss is not finite")
+
+
+def check_weights(run: Run, done: int) -> None:
+    """Raise ``TrainingError`` if a weight is not finite after ``done`` steps (the same on every process)."""
+    finite = torch.stack([torch.isfinite(p).all() for p in run.raw_model.parameters()]).all()
+    if not finite.item():
+        raise diverged(run, done, "the weights are no longer finite after the optimizer's update")
+
+
 def log_train(run: Run, done: int, lr: float) -> float:
     """Log a "train" record after ``done`` steps and show loss and tokens/s on the bar; returns the loss."""
+    check_finite(run)
     loss = all_mean(run.loss, run.d)
     now = time.perf_counter()
     tok_s = (done - run.window_step) * run.tokens_per_step / max(now - run.window_t, 1e-9)
@@ -803,6 +1173,8 @@ def log_train(run: Run, done: int, lr: float) -> float:
 def log_eval(run: Run, done: int, lr: float, train_loss: float | None) -> float:
     """Evaluate after ``done`` steps, log an "eval" record and print it (not at step 0); returns the val loss."""
     val_loss = evaluate(run)
+    if not math.isfinite(val_loss):
+        raise diverged(run, done, f"the validation loss is {val_loss}")
     run.log({"kind": "eval", "step": done, "tokens": done * run.tokens_per_step, "time": run.clock(),
              "train_loss": train_loss, "val_loss": val_loss, "lr": lr, "grad_evals": run.grad_evals})
     if done > 0 and run.d.master:
@@ -811,18 +1183,23 @@ def log_eval(run: Run, done: int, lr: float, train_loss: float | None) -> float:
 
 
 def write_checkpoint(run: Run, done: int) -> None:
-    """Checkpoint the run after ``done`` steps (every process's RNG states; rank 0 writes the file)."""
+    """Checkpoint the run after ``done`` steps (every process's RNG states; rank 0 writes the file), if its losses
+    and weights are finite: a run that went wrong keeps its last good checkpoint."""
+    check_finite(run)
+    check_weights(run, done)
+    corpus = {k: run.meta.get(k) for k in ("name", "tokenizer", "vocab_size", "train_tokens", "val_tokens")}
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "step": done, "config": asdict(run.cfg),
         "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "data": {"sampler": "numpy default_rng((seed, stream, step, micro-batch))", "seed": run.cfg.seed,
-                 "next_step": done},
+                 "next_step": done, "corpus": corpus},
         "rng": gather(rng_states(run.device), run.d),
         "metrics": {"elapsed": run.clock(), "grad_evals": run.grad_evals, "tokens": done * run.tokens_per_step},
     }
     if run.d.master:
         save_checkpoint(run.ckpt_path, checkpoint)
+    run.ckpt_step = done
 
 
 def sample_text(run: Run) -> str:
@@ -844,29 +1221,22 @@ def sample_text(run: Run) -> str:
 
 
 def train(cfg: TrainConfig, given: dict | None = None) -> dict:
-    """Run (or resume) one training run. Returns a summary dict (last losses, steps, seconds)."""
+    """Run (or resume) one training run. Returns a summary dict (last losses, steps, seconds).
+
+    ``given``: the settings given explicitly (``parse_args``'s second value); with ``cfg.resume`` only these may
+    differ from the checkpoint's config (``None``: the checkpoint's config, ``cfg.out_dir`` apart)."""
     run = setup_run(cfg, given or {})
     cfg, d = run.cfg, run.d
-    if run.start_step >= cfg.max_iters and d.master:
-        print(f"{run.out_dir}: already at step {run.start_step} of {cfg.max_iters}; raise --max-iters to train on")
-    if run.start_step == 0 and cfg.eval_interval > 0:
-        log_eval(run, 0, run.optimizer.param_groups[0]["lr"], train_loss=None)  # the untrained model
-
-    val_loss, train_loss = None, None
-    run.window_step, run.window_t = run.start_step, time.perf_counter()
-    for step in range(run.start_step, cfg.max_iters):
-        lr = run.optimizer.param_groups[0]["lr"]  # this step's: the scheduler moves it at the end of the step
-        train_step(run, step)
-        done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            train_loss = log_train(run, done, lr)
-        if cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
-            train_loss = all_mean(run.loss, d)
-            val_loss = log_eval(run, done, lr, train_loss)
-        if (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0) or done == cfg.max_iters:
-            write_checkpoint(run, done)
-        run.bar.update(1)
-    run.bar.close()
+    try:
+        if run.start_step >= cfg.max_iters and d.master:
+            print(f"{run.out_dir}: already at step {run.start_step} of {cfg.max_iters}; raise --max-iters to "
+                  "train on")
+        if run.start_step == 0 and cfg.eval_interval > 0:
+            log_eval(run, 0, run.optimizer.param_groups[0]["lr"], train_loss=None)  # the untrained model
+        with stop_signals(run):
+            train_loss, val_loss = train_steps(run)
+    finally:
+        run.bar.close()
 
     summary = {"steps": cfg.max_iters, "val_loss": val_loss, "train_loss": train_loss, "seconds": run.clock(),
                "grad_evals": run.grad_evals, "out_dir": str(run.out_dir)}
@@ -878,14 +1248,93 @@ def train(cfg: TrainConfig, given: dict | None = None) -> dict:
     return summary
 
 
+def train_steps(run: Run) -> tuple[float | None, float | None]:
+    """The steps from the run's start to ``max_iters``, with their logs, evaluations and checkpoints; stops
+    after a step when a signal asked (``stop_signals``). Returns the last (train loss, val loss)."""
+    cfg, d = run.cfg, run.d
+    val_loss, train_loss = None, None
+    run.window_step, run.window_t = run.start_step, time.perf_counter()
+    for step in range(run.start_step, cfg.max_iters):
+        lr = run.optimizer.param_groups[0]["lr"]  # this step's: the scheduler moves it at the end of the step
+        train_step(run, step)
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_iters:
+            train_loss = log_train(run, done, lr)
+        if cfg.eval_interval > 0 and (done % cfg.eval_interval == 0 or done == cfg.max_iters):
+            check_finite(run)
+            train_loss = all_mean(run.loss, d)
+            val_loss = log_eval(run, done, lr, train_loss)
+        if (cfg.ckpt_interval > 0 and done % cfg.ckpt_interval == 0) or done == cfg.max_iters:
+            write_checkpoint(run, done)
+        run.bar.update(1)
+        if stop_requested(run):
+            stop(run, done)
+    return train_loss, val_loss
+
+
+@contextmanager
+def stop_signals(run: Run) -> Iterator[None]:
+    """While training, SIGINT (Ctrl-C) and SIGTERM ask the run to stop after the step in progress (``stop``);
+    a second signal stops it at once (``KeyboardInterrupt``). Signals ignored by the parent stay ignored."""
+    def ask(signum, frame):
+        if run.stop_signal is not None:
+            raise KeyboardInterrupt
+        run.stop_signal = signum
+        if run.d.master:
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after step {run.step + 1} with a "
+                             "checkpoint (again to stop at once)\n")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                previous[sig] = signal.signal(sig, ask)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_requested(run: Run) -> bool:
+    """Whether a signal asked this run (any of its processes) to stop."""
+    asked = run.stop_signal is not None
+    if run.d.world > 1:
+        flag_ = torch.tensor([int(asked)], device=run.device)
+        dist.all_reduce(flag_, op=dist.ReduceOp.MAX)
+        asked = bool(flag_.item())
+    return asked
+
+
+def stop(run: Run, done: int) -> None:
+    """Checkpoint step ``done`` (unless it just was) and raise ``Interrupted``."""
+    if run.ckpt_step != done:
+        write_checkpoint(run, done)
+    signum = run.stop_signal or signal.SIGINT
+    raise Interrupted(f"{signal.Signals(signum).name} after step {done} of {run.cfg.max_iters}: checkpoint of step "
+                      f"{done} in {run.ckpt_path}; continue with --resume --out-dir {run.out_dir}", 128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: train, and report a config or checkpoint error without a traceback (exit status 2)."""
+    """The command line: train, and report an error without a traceback. Exit status: 0 done; 2 the command
+    line or an input cannot be used (config, checkpoint, corpus); 1 the run failed (a non-finite loss, a full or
+    read-only disk, another ``OSError``); 130 / 143 stopped by SIGINT / SIGTERM (after a checkpoint)."""
     cfg, given = parse_args(argv)
     try:
         train(cfg, given)
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TrainingError, OSError) as e:  # StorageError is an OSError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once, without a checkpoint of the step in progress (--resume continues "
+              "from the last one, if any)", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -375,3 +375,186 @@ def test_plot_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 
     assert plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "p.png")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- reliability (issue 10)
+
+
+def test_resume_applies_the_settings_it_may_change_and_config_json_says_what_ran(data_dir, tmp_path):
+    run(flags(data_dir, tmp_path, "--max-iters", 6, "--eval-interval", 0, "--ckpt-interval", 3, "--log-interval", 1))
+    run(flags(data_dir, tmp_path, "--resume", "--max-iters", 10, "--log-interval", 2, "--step-impl", "foreach"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["max_iters"], config["log_interval"], config["step_impl"]) == (10, 2, "foreach")
+    assert config["resume"] is True and config["lr"] == 1e-2  # the rest: the checkpoint's
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 10 and config["device"] == "cpu"  # config.json: the device the run found
+    assert ckpt["config"] == {**{k: v for k, v in config.items() if k in ckpt["config"]}, "device": "auto"}
+    (group,) = ckpt["optimizer"]["param_groups"]  # what the optimizer ran with
+    assert (group["foreach"], group["fused"]) == (True, False)
+    assert (group["betas"], group["gamma"], group["weight_decay"]) == ((0.95, 0.99), 0.025, 1e-2)
+    assert (group["initial_lr"], group["lr_1d"], ckpt["scheduler"]["base_lrs"]) == (1e-2, 5e-3, [1e-2])
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"] == [
+        1, 2, 3, 4, 5, 6, 8, 10]
+
+
+def test_resume_refuses_settings_that_define_the_run(data_dir, tmp_path, capsys):
+    run(flags(data_dir, tmp_path, "--max-iters", 2, "--eval-interval", 0))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(flags(data_dir, tmp_path, "--resume", "--optimizer", "mars-lion", "--lr", "0.02", "--max-iters",
+                      "4")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume continues the run in {tmp_path / 'ckpt.pt'}, and these settings cannot "
+                          "change during a run: --optimizer (checkpoint: 'mars-adamw', given: 'mars-lion'), --lr "
+                          "(checkpoint: 0.01, given: 0.02). A resumed run may change only --ckpt-interval, ")
+    assert "--max-iters" in err and "start a new run (another --out-dir, or --overwrite)" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_a_clear_error(data_dir, tmp_path, capsys):
+    from mars_ref.train import save_checkpoint
+
+    run(flags(data_dir, tmp_path, "--max-iters", 2, "--eval-interval", 0))
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt["config"]["n_embd"] = 64  # the weights of a 32-wide model under the config of a 64-wide one
+    save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    assert main(["--resume", "--out-dir", str(tmp_path)]) == 2  # every setting from the checkpoint
+    err = capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'ckpt.pt'} does not fit the model and optimizer its config describes" in err
+    assert "size mismatch" in err and "Traceback" not in err
+
+
+def test_a_new_run_does_not_replace_an_earlier_one_unless_overwrite(data_dir, tmp_path, capsys):
+    run(flags(data_dir, tmp_path, "--max-iters", 2, "--eval-interval", 0, "--log-interval", 1))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(flags(data_dir, tmp_path, "--max-iters", 3)) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path} already holds a run (metrics.jsonl, ckpt.pt): continue it with --resume, start it "
+        "again with --overwrite (which deletes them), or choose another --out-dir\n")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert main(flags(data_dir, tmp_path, "--max-iters", 3, "--eval-interval", 0, "--log-interval", 1,
+                      "--overwrite")) == 0
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3 and sorted(losses(tmp_path)) == [1, 2, 3]
+
+
+def test_checkpoint_checksum_and_the_old_format(data_dir, tmp_path, capsys):
+    """A changed byte is refused; a format 1 checkpoint (no checksum) loads with a note and resumes on the same
+    trajectory."""
+    from mars_ref.train import CheckpointError
+
+    common = ["--max-iters", 8, "--eval-interval", 4, "--log-interval", 1, "--ckpt-interval", 4]
+    run(flags(data_dir, tmp_path / "reference", *common))
+    old = tmp_path / "old"
+    run(flags(data_dir, old, *common[:1], 4, *common[2:], "--lr-decay-iters", 8))  # the reference's schedule
+    path = old / "ckpt.pt"
+    good = path.read_bytes()
+    path.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    with pytest.raises(CheckpointError, match="is corrupt: its contents do not match their sha256 checksum"):
+        load_checkpoint(path)
+    path.write_bytes(good)
+    state = load_checkpoint(path)
+    state["format"] = "mars_ref.train/1"
+    del state["data"]["corpus"]
+    torch.save(state, path)  # as the code before checksums wrote it
+    assert load_checkpoint(path)["step"] == 4
+    assert "written before checkpoints carried a checksum: read without verifying it" in capsys.readouterr().err
+    assert main(flags(data_dir, old, "--resume", "--max-iters", 8)) == 0
+    assert losses(old) == losses(tmp_path / "reference")
+    assert load_checkpoint(old / "ckpt.pt")["format"] == "mars_ref.train/2"
+
+
+def test_max_iters_zero_trains_nothing(data_dir, tmp_path):
+    summary = run(flags(data_dir, tmp_path, "--max-iters", 0, "--eval-interval", 5))
+    assert summary["steps"] == 0 and not (tmp_path / "ckpt.pt").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0]  # the untrained model's eval
+
+
+def nan_at(monkeypatch, step: int, what: str) -> None:
+    """From step ``step`` (1-based) on: a non-finite training loss ("loss"), weights ("weights") after the update,
+    or an infinite gradient ("grad", which MARS refuses)."""
+    from mars_ref import train as T
+
+    real_closure, real_step = T.closure, T.train_step
+
+    def closure(run):
+        loss = real_closure(run)
+        if run.step + 1 >= step and what == "loss":
+            run.loss = loss = torch.tensor(float("nan"))
+        if run.step + 1 >= step and what == "grad":
+            next(run.raw_model.parameters()).grad[0, 0] = float("inf")
+        return loss
+
+    def train_step(run, i):
+        real_step(run, i)
+        if i + 1 >= step and what == "weights":
+            with torch.no_grad():
+                next(run.raw_model.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(T, "closure", closure)
+    monkeypatch.setattr(T, "train_step", train_step)
+
+
+@pytest.mark.parametrize("what, step, message", [
+    ("loss", 7, "step 7: the training loss is not finite"),
+    ("weights", 8, "step 8: the weights are no longer finite after the optimizer's update"),
+    ("grad", 7, "step 7: the optimizer refused a non-finite gradient (the training loss was 3."),
+])
+def test_a_run_that_goes_non_finite_fails_and_keeps_its_last_good_checkpoint(data_dir, tmp_path, capsys,
+                                                                             monkeypatch, what, step, message):
+    """A NaN at step 7 found at the checkpoint of step 8 (logs every 5, checkpoints every 4), NaN weights after
+    step 8's update found before its checkpoint, an infinite gradient refused by MARS at step 7: exit 1, the step
+    named, the checkpoint of step 4 kept, no NaN in the metrics."""
+    nan_at(monkeypatch, step, what)
+    argv = flags(data_dir, tmp_path, "--max-iters", 12, "--eval-interval", 0, "--log-interval", 5,
+                 "--ckpt-interval", 4)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "Traceback" not in err
+    assert f"Training stopped; the last good checkpoint, of step 4, is kept in {tmp_path / 'ckpt.pt'}" in err
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(np.isfinite(r["train_loss"]) for r in read_metrics(tmp_path / "metrics.jsonl"))
+
+
+def test_validation_loss_that_is_not_finite_fails(data_dir, tmp_path, capsys, monkeypatch):
+    from mars_ref import train as T
+
+    monkeypatch.setattr(T, "evaluate", lambda run: float("nan") if run.step > 0 else 4.0)
+    assert main(flags(data_dir, tmp_path, "--max-iters", 4, "--eval-interval", 2, "--ckpt-interval", 1)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: step 2: the validation loss is nan. Training stopped; the last good checkpoint, "
+                          f"of step 1, is kept in {tmp_path / 'ckpt.pt'}")
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1  # step 2's was not written
+
+
+@pytest.mark.parametrize("signals, status", [((signal.SIGTERM,), 143), ((signal.SIGINT, signal.SIGINT), 130)])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_at_once(data_dir, tmp_path, capsys,
+                                                                              monkeypatch, signals, status):
+    """In this process, deterministically: signals sent during step 5. One: step 5 finishes, is checkpointed, exit
+    128 + the signal. Two: stop at once, the checkpoint of step 4 kept. (The subprocess version, Ctrl-C at a
+    random moment, is in tests/test_faults_train.py.)"""
+    from mars_ref import train as T
+
+    real_step = T.train_step
+
+    def train_step(run, i):
+        if i + 1 == 5:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        real_step(run, i)
+
+    monkeypatch.setattr(T, "train_step", train_step)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    argv = flags(data_dir, tmp_path, "--max-iters", 12, "--eval-interval", 0, "--log-interval", 1, "--ckpt-interval",
+                 4)
+    assert main(argv) == status
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+    err = capsys.readouterr().err
+    if len(signals) == 1:
+        assert err.endswith(f"interrupted: SIGTERM after step 5 of 12: checkpoint of step 5 in {tmp_path / 'ckpt.pt'};"
+                            f" continue with --resume --out-dir {tmp_path}\n")
+        assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
+    else:
+        assert err.endswith("interrupted: stopped at once, without a checkpoint of the step in progress (--resume "
+                            "continues from the last one, if any)\n")
+        assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 4
+    assert "Traceback" not in err
