@@ -22,7 +22,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m mars_ref.train
+	$(PY) -m mars_ref.train --overwrite
 
 notebooks: install
 	$(PY) scripts/run_notebooks.py

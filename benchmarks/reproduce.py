@@ -93,7 +93,7 @@ MODES = {
 def run_one(key: str, factor: float, seed: int, settings: dict, runs_dir: Path, phase: str,
             max_iters: int | None = None) -> dict:
     """Train one run in-process and return its record (validation curve, final loss, seconds)."""
-    from mars_ref.train import TrainConfig, train
+    from mars_ref.train import TrainConfig, TrainingError, train
 
     _, _, optimizer, exact = next(o for o in OPTIMIZERS if o[0] == (EXACT_KEY if key == HALF_KEY else key))
     steps = max_iters or settings["max_iters"]
@@ -102,11 +102,14 @@ def run_one(key: str, factor: float, seed: int, settings: dict, runs_dir: Path, 
                       max_iters=steps, warmup_iters=settings["warmup_iters"],
                       eval_interval=settings["eval_interval"], eval_iters=settings["eval_iters"],
                       log_interval=settings["eval_interval"], ckpt_interval=0, sample_tokens=0,
-                      data_dir=settings["data_dir"], out_dir=str(out_dir), device="cpu",
+                      data_dir=settings["data_dir"], out_dir=str(out_dir), device="cpu", overwrite=True,
                       **settings.get("train_overrides", {}))  # e.g. a smaller model or data set in tests
     lr, lr_1d, min_lr = BASE_LR[key]
     cfg = replace(cfg, lr=lr * factor, min_lr=min_lr * factor, lr_1d=lr_1d * factor)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (FloatingPointError, TrainingError):  # the run diverged: its curve up to there, no final loss
+        summary = {"val_loss": None, "seconds": None, "grad_evals": None}
     evals = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in evals if r.get("kind") == "eval" and r.get("val_loss") is not None]
     final = summary["val_loss"]

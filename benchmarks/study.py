@@ -486,8 +486,8 @@ def resolved_config(kwargs: dict) -> dict:
     from mars_ref.train import TrainConfig, resolve
 
     cfg = asdict(resolve(TrainConfig(**kwargs, out_dir="-", data_dir="-")))
-    for k in ("out_dir", "data_dir"):
-        cfg.pop(k)
+    for k in ("out_dir", "data_dir", "overwrite"):  # where a run goes, not what it computes
+        cfg.pop(k, None)
     return cfg
 
 
@@ -617,7 +617,7 @@ def run_job(key: str, kwargs: dict, data_dir: str, spec: dict, data_id: dict) ->
     """Train one run in this (worker) process, in a temporary directory, and return its record."""
     import torch
 
-    from mars_ref.train import TrainConfig, read_metrics, train
+    from mars_ref.train import TrainConfig, TrainingError, read_metrics, train
 
     if run_key(kwargs, data_id) != key:
         raise RuntimeError(f"run {spec}: its config no longer hashes to its key {key[:12]} (a different "
@@ -631,7 +631,7 @@ def run_job(key: str, kwargs: dict, data_dir: str, spec: dict, data_id: dict) ->
         with contextlib.redirect_stdout(io.StringIO()):
             try:
                 summary = train(cfg)
-            except FloatingPointError as e:  # MARS refuses a non-finite gradient: the run diverged
+            except (FloatingPointError, TrainingError) as e:  # a non-finite gradient or loss: the run diverged
                 summary, error = None, f"{type(e).__name__}: {e}"
         wall = time.perf_counter() - t0
         records = read_metrics(Path(out) / "metrics.jsonl")
