@@ -8,8 +8,9 @@ projections that write into the residual stream (``attn.c_proj``, ``mlp.c_proj``
 normal(0, 0.02/sqrt(2·n_layer)) so the residual stream's variance does not grow with depth.
 
 Presets (``PRESETS``): ``gpt2-small`` (124M, the paper's "small"), ``gpt2-medium``
-(355M), and two CPU sizes for character-level Shakespeare: ``cpu-tiny`` (4 × 128) and
-``cpu-mini`` (2 × 64).
+(355M), two CPU sizes for character-level Shakespeare: ``cpu-tiny`` (4 × 128) and
+``cpu-mini`` (2 × 64), and ``gpu-lab`` (6 × 384, block 256, ~30M parameters with GPT-2's vocabulary):
+a GPT-2-shaped model for a one-hour lab on one GPU.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ PRESETS: dict[str, GPTConfig] = {
     # CPU sizes for character-level data: the vocabulary is set from the data set's meta.json.
     "cpu-tiny": GPTConfig(block_size=128, vocab_size=128, n_layer=4, n_head=4, n_embd=128),
     "cpu-mini": GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=64),
+    "gpu-lab": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False),
 }
 
 

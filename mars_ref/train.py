@@ -142,7 +142,7 @@ class TrainConfig:
     """Everything a run depends on. ``None`` means "take it from the preset and optimizer recipe"."""
 
     preset: str = field(default="cpu-tiny", metadata={"help": "training preset: " + ", ".join(
-        ["cpu-tiny", "cpu-mini", "gpt2-small", "gpt2-medium", "gpt2-large"])})
+        ["cpu-tiny", "cpu-mini", "gpu-lab", "gpt2-small", "gpt2-medium", "gpt2-large"])})
     optimizer: str = field(default="mars-adamw", metadata={"help": "one of " + ", ".join(OPTIMIZERS)})
     exact: bool = field(default=False, metadata={"help": "exact MARS: 2 gradient evaluations per step"})
     step_impl: str = field(default="readable", metadata={"help": "how MARS computes its step (same math, same "
@@ -201,6 +201,12 @@ TRAIN_PRESETS: dict[str, dict] = {
     "cpu-mini": dict(model="cpu-mini", dataset="shakespeare", batch_size=32, grad_accum=1,
                      max_iters=2000, warmup_iters=50, eval_interval=250, eval_iters=20, log_interval=10,
                      ckpt_interval=500, sample_tokens=300),
+    # A lab of about an hour on one GPU: a GPT-2-shaped model (6 × 384, ~30M parameters, GPT-2's vocabulary)
+    # on Shakespeare in GPT-2 tokens (offline), 1,500 steps of 16 × 256 tokens (6.1M, ~3.9 epochs of 1.57M);
+    # AdamW, MARS-AdamW and exact MARS with the variance probe fit the hour (see notebooks/README.md).
+    "gpu-lab": dict(model="gpu-lab", dataset="shakespeare-gpt2", batch_size=16, grad_accum=1, max_iters=1500,
+                    warmup_iters=100, eval_interval=150, eval_iters=20, log_interval=10, ckpt_interval=500,
+                    sample_tokens=200),
     # The paper's runs: 100k steps of 480 × 1024 tokens (15 sequences × 32 micro-batches).
     **{name: dict(model=name, dataset="openwebtext", batch_size=15, grad_accum=32, max_iters=100_000,
                   warmup_iters=2000, eval_interval=1000, eval_iters=200, log_interval=10,
@@ -259,6 +265,7 @@ _CPU = {
     "mars-m": dict(_MARS_M, lr=6e-3, lr_1d=6e-3, min_lr=6e-5),
 }
 OPTIM_RECIPES["cpu-tiny"] = OPTIM_RECIPES["cpu-mini"] = _CPU
+OPTIM_RECIPES["gpu-lab"] = OPTIM_RECIPES["gpt2-small"]  # the paper's GPT-2 small rates: untuned at this size
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

@@ -5,6 +5,7 @@ file takes about a minute and a half on two loaded CPU cores.
 """
 
 import json
+import math
 import os
 import signal
 import socket
@@ -558,3 +559,23 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_at_once(da
                             "continues from the last one, if any)\n")
         assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 4
     assert "Traceback" not in err
+
+
+def test_gpu_lab_preset_runs_shrunk_on_the_cpu(tmp_path):
+    """The one-GPU lab tier (``--preset gpu-lab``: GPT-2-shaped, Shakespeare in GPT-2 tokens, AdamW vs MARS with
+    the variance probe), verified here on the CPU at shrunk size: the real BPE corpus (prepared offline), the
+    vocabulary padded to 50304, a 1-layer model of width 32, 3 steps, each of the lab's optimizers."""
+    data_root = tmp_path / "data"
+    for optimizer, extra in (("adamw", []), ("mars-adamw", []), ("mars-adamw", ["--exact"])):
+        out = tmp_path / f"{optimizer}{'-exact' if extra else ''}"
+        summary = run(["--preset", "gpu-lab", "--optimizer", optimizer, *extra, "--n-layer", "1", "--n-head", "2",
+                       "--n-embd", "32", "--block-size", "32", "--batch-size", "2", "--max-iters", "3",
+                       "--eval-interval", "3", "--eval-iters", "1", "--variance-every", "3", "--variance-batches",
+                       "2", "--sample-tokens", "0", "--data-dir", str(data_root), "--out-dir", str(out),
+                       "--device", "cpu"])
+        config = json.loads((out / "config.json").read_text())
+        assert config["dataset"] == "shakespeare-gpt2" and config["vocab_size"] == 50304
+        assert math.isfinite(summary["val_loss"])
+        assert any(r["kind"] == "variance" for r in read_metrics(out / "metrics.jsonl"))
+    meta = json.loads((data_root / "shakespeare-gpt2" / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and 1.4e6 < meta["train_tokens"] + meta["val_tokens"] < 1.7e6
