@@ -1,6 +1,7 @@
 # make demo  : train the default CPU model with MARS-AdamW (installs what is missing first)
 # make test  : run the whole test suite, notebooks included (installs what is missing first)
 # make notebooks : re-execute every notebook in place, so committed outputs match the code
+# make figures : export every notebook's key figures as SVG and 150-dpi PNG (16:9) into notebooks/figures/
 PYTHON ?= python3
 VENV ?= .venv
 # A CPU-only machine should pin the CPU build, e.g. `make test TORCH=torch==2.13.0`
@@ -9,7 +10,7 @@ VENV ?= .venv
 TORCH ?= torch>=2.4
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo notebooks lint bench reproduce
+.PHONY: install test demo notebooks figures lint bench reproduce
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +27,9 @@ demo: install
 
 notebooks: install
 	$(PY) scripts/run_notebooks.py
+
+figures: install
+	$(PY) scripts/run_notebooks.py --figures notebooks/figures
 
 lint: install
 	$(VENV)/bin/ruff check .

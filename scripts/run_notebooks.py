@@ -7,8 +7,14 @@ reviews and diffs read like code. This script turns each source into
 environment, so the committed outputs come from the same code CI runs.
 
     python scripts/run_notebooks.py            # all notebooks
-    python scripts/run_notebooks.py 02 03      # only those whose name starts so
+    python scripts/run_notebooks.py 02 03      # only those whose name starts so (03 also selects 03b)
     python scripts/run_notebooks.py --no-exec  # rebuild cells only
+    python scripts/run_notebooks.py --figures notebooks/figures   # `make figures`: export the key figures
+
+``--figures DIR`` executes the notebooks with ``MARS_REF_FIGURES=DIR``, so that every ``style.save(fig, name)``
+in them writes ``DIR/name.svg`` and ``DIR/name.png`` (150 dpi, 16:9), and leaves the committed notebooks as
+they are. Every notebook's first code cell is :data:`SETUP_CELL`, which makes ``mars_ref`` importable in a
+kernel that does not have it (``tests/test_notebook_sources.py`` checks that they are all the same).
 """
 
 from __future__ import annotations
@@ -24,6 +30,36 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "notebooks" / "src"
 OUT = ROOT / "notebooks"
+PATTERN = "[0-9][0-9]*_*.py"  # 01_name.py ... and 03b_name.py (taught between 03 and 04)
+
+# The first code cell of every notebook, verbatim: without `make install` (a fresh Jupyter, a hosted service)
+# mars_ref is not importable, and this installs the checkout the notebook sits in into the running kernel.
+SETUP_CELL = """\
+# Setup: make `mars_ref` importable. Nothing happens when it already is (after `make install` or
+# `pip install -e .`); otherwise the checkout around this notebook is installed into this kernel's Python.
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+spec = importlib.util.find_spec("mars_ref")
+if spec is None or spec.origin is None:  # not installed (a mere folder named mars_ref is no package)
+    here = Path.cwd().resolve()
+    root = next((p for p in (here, *here.parents, here / "mars_ref") if (p / "mars_ref" / "pieces.py").is_file()),
+                None)
+    if root is None:
+        raise ModuleNotFoundError("mars_ref is not installed and no mars_ref checkout is around this notebook: "
+                                  "clone the repository and open the notebook from its notebooks/ folder "
+                                  "(notebooks/README.md, 'Opening the notebooks')")
+    print(f"mars_ref is not importable: installing the checkout {root} into {sys.executable} with pip ...")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", str(root)], check=True)
+    sys.path.insert(0, str(root))  # new kernels see the editable install; this one needs the path now
+    importlib.invalidate_caches()
+    print("installed mars_ref and what it needs (torch, numpy, matplotlib, einops, tqdm)")
+import mars_ref
+
+print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__file__).parent)}")"""
 
 
 def parse_percent(text: str) -> list[tuple[str, str]]:
@@ -58,24 +94,34 @@ def build(src: Path) -> nbformat.NotebookNode:
         cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
         nb.cells.append(cell)
     for i, cell in enumerate(nb.cells):  # stable ids keep diffs small
-        cell["id"] = f"{src.stem[:2]}-{i:03d}"
+        cell["id"] = f"{src.stem.split('_')[0]}-{i:03d}"
     return nb
 
 
 def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 900) -> None:
     from nbclient import NotebookClient
 
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    # store_widget_state=False: the sliders of a notebook are live only in a frontend; their state is not output
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
+                   resources={"metadata": {"path": str(cwd)}}).execute()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("only", nargs="*", help="name prefixes to build (default: all)")
     parser.add_argument("--no-exec", action="store_true", help="build cells without executing")
+    parser.add_argument("--figures", metavar="DIR", help="export the key figures (SVG + PNG) into DIR; the "
+                        "notebooks are executed but not written")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    sources = sorted(SRC.glob("[0-9][0-9]_*.py"))
+    if args.figures:
+        if args.no_exec:
+            parser.error("--figures executes the notebooks: it cannot go with --no-exec")
+        figures = Path(args.figures).resolve()
+        figures.mkdir(parents=True, exist_ok=True)
+        os.environ["MARS_REF_FIGURES"] = str(figures)  # the kernels inherit it: style.save() writes there
+    sources = sorted(SRC.glob(PATTERN))
     if args.only:
         sources = [s for s in sources if any(s.name.startswith(p) for p in args.only)]
     for src in sources:
@@ -83,8 +129,14 @@ def main(argv=None) -> int:
         start = time.time()
         if not args.no_exec:
             execute(nb, OUT)
+        if args.figures:
+            print(f"{src.stem}: figures exported, {time.time() - start:.1f} s")
+            continue
         nbformat.write(nb, OUT / f"{src.stem}.ipynb")
         print(f"{src.stem}.ipynb: {len(nb.cells)} cells, {time.time() - start:.1f} s")
+    if args.figures:
+        files = sorted(Path(os.environ["MARS_REF_FIGURES"]).glob("*.png"))
+        print(f"{len(files)} figures in {os.environ['MARS_REF_FIGURES']} (each as .svg and .png)")
     return 0
 
 

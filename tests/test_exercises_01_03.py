@@ -162,3 +162,52 @@ def test_clip_cosine():
     v = torch.cat([a, b]).double()
     assert nb03.clip_cosine([a, b], 1.0) == pytest.approx((u @ v / (u.norm() * v.norm())).item(), rel=1e-6)
     assert nb03.clip_cosine([a, b], 1.0) < 0.999
+
+
+# --------------------------------------------------------------------------- notebook 03b
+
+nb03b = load_solution("nb03b")
+
+
+class _Quadratic1D:
+    """F(x) = h x² / 2 with additive gradient noise σξ: the problem of exercise 03b.1, in toys.run's interface."""
+
+    dim, dtype = 1, torch.float64
+
+    def __init__(self, h, sigma=1.0):
+        self.h, self.sigma = h, sigma
+
+    def init(self, gen=None, shape=()):
+        return torch.zeros(*shape, 1, dtype=self.dtype)
+
+    def split(self, x):
+        return (x,)
+
+    def sample(self, gen, shape=()):
+        return torch.randn(*shape, 1, generator=gen, dtype=self.dtype)
+
+    def loss(self, x):
+        return 0.5 * self.h * x.square().sum(-1)
+
+    def grad(self, x):
+        return self.h * x
+
+    def loss_and_grad(self, x):
+        return self.loss(x), self.grad(x)
+
+    def stoch_grad(self, x, xi):
+        return self.grad(x) + self.sigma * xi
+
+
+@pytest.mark.parametrize("a, eta, h", [(0.05, 0.1, 5.0), (0.2, 0.05, 2.0), (0.05, 0.01, 0.5)])
+def test_storm_floor_ratio_matches_simulation(a, eta, h):
+    problem = _Quadratic1D(h)
+    floors = [toys.run(problem, method, lr=eta, steps=6000, seeds=2000, seed=4, beta=1 - a).loss[1000:].mean().item()
+              for method in ("storm-exact", "sgd")]
+    assert floors[0] / floors[1] == pytest.approx(nb03b.storm_floor_ratio(a, eta, h), rel=0.06)
+
+
+def test_storm_floor_ratio_limits():
+    assert nb03b.storm_floor_ratio(1e-4, 1e-4, 1.0) == pytest.approx(0.5, rel=1e-3)  # a = ηh: half
+    assert nb03b.storm_floor_ratio(0.05, 1e-6, 1.0) == pytest.approx(1.0, rel=1e-3)  # flat direction: nothing
+    assert nb03b.storm_floor_ratio(1.0, 0.1, 1.0) == pytest.approx(1.0)               # a = 1: STORM is SGD

@@ -1,20 +1,31 @@
-"""The committed notebooks are built from notebooks/src/*.py and carry outputs."""
+"""The committed notebooks are built from notebooks/src/*.py, carry outputs, and keep the course's promises:
+every notebook opens with what it teaches, what it needs and its class time, starts with the same setup
+cell, links the shared notation, lists references, and checks every exercise it asks for."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from mars_ref import exercises
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
 run_notebooks = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_notebooks)
 
-SOURCES = sorted((ROOT / "notebooks" / "src").glob("[0-9][0-9]_*.py"))
+SOURCES = sorted((ROOT / "notebooks" / "src").glob(run_notebooks.PATTERN))
+IDS = [s.stem for s in SOURCES]
 
 
-@pytest.mark.parametrize("src", SOURCES, ids=[s.stem for s in SOURCES])
+def test_every_notebook_is_found():
+    names = [s.stem.split("_")[0] for s in SOURCES]
+    assert names == ["01", "02", "03", "03b", "04", "05", "06", "07"], names
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=IDS)
 def test_notebook_matches_its_source_and_was_executed(src):
     path = ROOT / "notebooks" / f"{src.stem}.ipynb"
     assert path.exists(), f"{path.name} missing: run `make notebooks`"
@@ -25,6 +36,69 @@ def test_notebook_matches_its_source_and_was_executed(src):
     )
     code = [c for c in committed.cells if c.cell_type == "code" and c.source.strip()]
     assert all(c.get("execution_count") for c in code), f"{path.name} has unexecuted cells: run `make notebooks`"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=IDS)
+def test_notebook_opens_with_what_it_teaches_what_it_needs_and_how_long(src):
+    cells = run_notebooks.build(src).cells
+    opening = cells[0]
+    assert opening.cell_type == "markdown" and opening.source.startswith("# "), "the first cell is the title"
+    for promise in ("**What this notebook", "**You need.**", "**Class time.**", "README.md#notation"):
+        assert promise in opening.source, f"{src.name}: the opening lacks {promise!r}"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=IDS)
+def test_first_code_cell_is_the_setup_cell(src):
+    """A fresh kernel gets mars_ref from the first code cell (tests/test_notebook_fresh_env.py runs it)."""
+    first = next(c for c in run_notebooks.build(src).cells if c.cell_type == "code")
+    assert first.source == run_notebooks.SETUP_CELL, f"{src.name}: the first code cell is not SETUP_CELL"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=IDS)
+def test_references_and_shared_style(src):
+    text = src.read_text()
+    assert "# ## References" in text and "arxiv.org/abs/2411.10438" in text, f"{src.name}: no references"
+    assert "style.use()" in text, f"{src.name} does not use the shared plotting style"
+    assert "plt.rcParams.update" not in text and "tight_layout" not in text, "one style: mars_ref.style only"
+    assert "fontsize=8" not in text, "legends and labels of 8 pt are unreadable on a slide"
+    shows = text.count("plt.show()")
+    saves = text.count("style.save(")
+    if src.stem.startswith("03b"):
+        shows -= 1  # the playground's figure is redrawn by the sliders, not exported
+    assert saves == shows, f"{src.name}: {shows} figures shown, {saves} exported by `make figures`"
+
+
+def test_exercises_are_cells_with_checks():
+    asked = {}
+    for src in SOURCES:
+        text = src.read_text()
+        for exercise in re.findall(r'^check\("([0-9]+b?\.[0-9])", (\w+)\)$', text, re.M):
+            asked[exercise[0]] = (src.name, exercise[1])
+            assert f"def {exercise[1]}(" in text, f"{src.name}: no cell defines {exercise[1]}"
+            assert f"# NBVAL_CHECK_OUTPUT\ncheck({exercise[0]!r}".replace("'", '"') in text
+    assert sorted(asked) == sorted(exercises.EXERCISES), f"checked in notebooks: {sorted(asked)}"
+    for exercise, (name, function) in asked.items():
+        assert exercises.EXERCISES[exercise].name == function, (name, exercise, function)
+        assert name.startswith(exercise.split(".")[0] + "_"), f"exercise {exercise} is in {name}"
+
+
+def test_notation_table_has_one_meaning_per_symbol():
+    readme = (ROOT / "notebooks" / "README.md").read_text()
+    table = readme.split("## Notation", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| symbol")]
+    symbols = [s for row in rows for s in re.findall(r"\$[^$]+\$|`[^`]+`", row.split("|")[1])]
+    assert len(rows) > 30
+    assert len(symbols) == len(set(symbols)), sorted(s for s in symbols if symbols.count(s) > 1)
+
+
+def test_readme_lists_every_notebook_and_the_bibliography():
+    readme = (ROOT / "notebooks" / "README.md").read_text()
+    for src in SOURCES:
+        assert f"({src.stem}.ipynb)" in readme, f"notebooks/README.md does not link {src.stem}"
+    for link in ("arxiv.org/abs/2411.10438", "arxiv.org/abs/1905.10018", "arxiv.org/abs/1703.00102",
+                 "arxiv.org/abs/1807.01695", "arxiv.org/abs/1802.09568", "arxiv.org/abs/2302.06675",
+                 "kellerjordan.github.io/posts/muon", "arxiv.org/abs/1711.05101", "proceedings.neurips.cc"):
+        assert link in readme, f"the bibliography lacks {link}"
 
 
 def test_percent_parser_splits_markdown_and_code():

@@ -3,6 +3,16 @@
 # %% [markdown]
 # # 03 · From STORM to MARS: the $\gamma\,\beta_1/(1-\beta_1)$ scale, and why MARS clips
 #
+# **What this notebook teaches.** How large MARS's correction is (the scale $k = \gamma\beta_1/(1-\beta_1)$,
+# 19γ at $\beta_1 = 0.95$); the feedback loop through which a large exact-mode correction blows a run
+# up; how clipping $c_t$, per tensor (the authors) or by the global norm (Levanter), breaks the loop, and
+# what it costs when the correction is mostly noise; and `mars_ref.MARS` under its three clip modes.
+#
+# **You need.** Notebook 02 (STORM, exact and approx; MARS's momentum); vector norms.
+#
+# **Class time.** About 45 minutes (the code runs in about 20 s on a laptop CPU).
+# Notation: the [shared table](README.md#notation).
+#
 # Notebook 02 showed that MARS's corrected momentum with $\gamma = 1$ is STORM. MARS writes the
 # correction as a separate, scaled and **clipped** vector:
 #
@@ -20,18 +30,43 @@
 # 3. `mars_ref.MARS` itself (AdamW preconditioner) on the finite sum with `clip="tensor"/"global"/"none"`.
 
 # %%
+# Setup: make `mars_ref` importable. Nothing happens when it already is (after `make install` or
+# `pip install -e .`); otherwise the checkout around this notebook is installed into this kernel's Python.
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+spec = importlib.util.find_spec("mars_ref")
+if spec is None or spec.origin is None:  # not installed (a mere folder named mars_ref is no package)
+    here = Path.cwd().resolve()
+    root = next((p for p in (here, *here.parents, here / "mars_ref") if (p / "mars_ref" / "pieces.py").is_file()),
+                None)
+    if root is None:
+        raise ModuleNotFoundError("mars_ref is not installed and no mars_ref checkout is around this notebook: "
+                                  "clone the repository and open the notebook from its notebooks/ folder "
+                                  "(notebooks/README.md, 'Opening the notebooks')")
+    print(f"mars_ref is not importable: installing the checkout {root} into {sys.executable} with pip ...")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", str(root)], check=True)
+    sys.path.insert(0, str(root))  # new kernels see the editable install; this one needs the path now
+    importlib.invalidate_caches()
+    print("installed mars_ref and what it needs (torch, numpy, matplotlib, einops, tqdm)")
+import mars_ref
+
+print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__file__).parent)}")
+
+# %%
 import matplotlib.pyplot as plt
 import torch
 
-import mars_ref
-from mars_ref import toys
+from mars_ref import style, toys
+from mars_ref.exercises import check
 from mars_ref.pieces import storm_correction
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and robust on a shared machine
 torch.manual_seed(0)
-plt.rcParams.update({"figure.dpi": 90, "axes.grid": True, "grid.alpha": 0.3})
+style.use()
 FULL = os.environ.get("MARS_REF_FULL", "0") == "1"
 SEEDS, STEPS = (128, 400) if FULL else (64, 200)
 BETA = 0.95
@@ -83,20 +118,24 @@ for gamma in (0.025, 0.3):
     corr_runs["approx", gamma, 0.1] = toys.run(problem, "mars-approx", lr=0.1, steps=STEPS, seeds=SEEDS, seed=3,
                                                beta=BETA, gamma=gamma)
 
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12.5, 4.4))
+fig, (ax0, ax1) = style.figure(1, 2)
 steps = torch.arange(1, STEPS + 1)
+LOOK = {("exact", 0.1): dict(color=style.GREEN, ls="-"), ("exact", 0.2): dict(color=style.BLUE, ls="--"),
+        ("exact", 0.4): dict(color=style.VERMILION, ls="-."), ("approx", 0.025): dict(color=style.ORANGE, ls=":"),
+        ("approx", 0.3): dict(color=style.PURPLE, ls=(0, (5, 1, 1, 1)))}
+medians = {}
 for (mode, gamma, eta), r in corr_runs.items():
-    ls = "-" if mode == "exact" else "--"
+    look = LOOK[mode, eta if mode == "exact" else gamma]
     label = rf"{mode}, $\gamma$ = {gamma:g}, $\eta$ = {eta:g}"
-    ax0.semilogy(steps, r.corr.nanquantile(0.5, dim=1), ls=ls, label=label)  # nan: diverged seeds
-    ax1.plot(steps, r.loss.isinf().double().mean(1), ls=ls, label=label)
+    medians[mode, gamma, eta] = r.corr.nanquantile(0.5, dim=1)  # nan: diverged seeds are left out
+    ax0.semilogy(steps, medians[mode, gamma, eta], label=label, **look)
+    ax1.plot(steps, r.loss.isinf().double().mean(1), label=label, **look)
 ax0.set(xlabel="step $t$", ylabel=r"$\|c_t - g_t\|$, median of the seeds still running",
-        title=r"Size of the correction $k\,(g_t - g_{\rm prev})$, no clipping")
-ax1.set(xlabel="step $t$", ylabel="fraction of seeds diverged", title=f"Divergence, no clipping ({SEEDS} seeds)")
-ax0.set_ylim(5e-2, 1e7)
-ax0.legend(fontsize=8, ncol=2, loc="upper right")
-ax1.legend(fontsize=8)
-fig.tight_layout()
+        title=r"Size of the correction $k\,(g_t - g_{\rm prev})$", ylim=style.log_limits(*medians.values()))
+ax1.set(xlabel="step $t$", ylabel="fraction of seeds diverged", title=f"Seeds diverged (of {SEEDS})")
+ax1.legend(loc="upper left")
+fig.suptitle("MARS momentum on the finite sum, no clipping")
+style.save(fig, "03_correction_and_divergence")
 plt.show()
 
 # %%
@@ -116,12 +155,14 @@ mars_ref.claims.check({
     "approx, gamma = 0.3, eta = 0.1: no seed diverges (large noisy corrections, no loop)":
         not corr_runs["approx", 0.3, 0.1].diverged.any(),
     "approx's early corrections are over 3x exact's": early["approx", 0.3] > 3 * early["exact", 1.0],
+    "exact, gamma = 1, eta = 0.4: the median correction grows over 100x within the first 100 steps":
+        medians["exact", 1.0, 0.4][:100].max() > 100 * medians["exact", 1.0, 0.4][:20].min(),
 })
 
 # %% [markdown]
 # Exact mode with $\gamma = 1$ (STORM) is stable at $\eta = 0.1$, and at $\eta = 0.4$ a large part of the
-# seeds blow up: the median correction grows by three orders of magnitude within fifty steps, and the
-# runs that explode leave the median one by one (the green curve falls again once only the seeds that
+# seeds blow up: the median correction grows by more than two orders of magnitude within a hundred steps, and the
+# runs that explode leave the median one by one (the dash-dotted curve falls again once only the seeds that
 # rode out the burst are left). The approx corrections
 # are *larger* at the start (noise times $k$) but they do not feed on themselves: the noise of step $t$ does
 # not depend on the length of step $t-1$.
@@ -129,8 +170,8 @@ mars_ref.claims.check({
 # ## 3. Clipping breaks the loop
 #
 # Clipping bounds $\|c_t\|$ by $\tau$ (here $\tau = 1$, the authors' value), hence $\|m_t\| \le \tau$ and
-# every step $\|x_{t+1} - x_t\| \le \eta\tau$ (global) or $\le \eta\tau\sqrt{\#\text{tensors}}$ (per
-# tensor): the loop cannot run away. The two rules, for tensors $c^{(1)}, \dots, c^{(n)}$ of one model
+# every step $\|x_{t+1} - x_t\| \le \eta\tau$ (global) or $\le \eta\tau\sqrt{J}$ (per tensor, $J$ tensors):
+# the loop cannot run away. The two rules, for the $J$ tensors $c^{(1)}, \dots, c^{(J)}$ of one model
 # (`mars_ref.pieces`):
 #
 # $$\text{per tensor: } c^{(i)} \leftarrow c^{(i)} \min\!\Big(1, \frac{\tau}{\|c^{(i)}\|}\Big)
@@ -152,22 +193,31 @@ for mode, gamma, eta in (("exact", 1.0, 0.2), ("exact", 1.0, 0.4), ("approx", 0.
         clip_runs[mode, gamma, eta, clip] = toys.run(problem, f"mars-{mode}", lr=eta, steps=STEPS, seeds=SEEDS,
                                                      seed=3, beta=BETA, gamma=gamma, clip=clip)
 
-fig, ax = plt.subplots(figsize=(11, 4.6))
+fig, ax = style.figure()
 labels, top = [], 3e6
 for i, ((mode, gamma, eta, clip), r) in enumerate(clip_runs.items()):
     final = r.final_loss
     jitter = (torch.rand(SEEDS, generator=torch.Generator().manual_seed(i)) - 0.5) * 0.4
     ok = torch.isfinite(final)
-    ax.scatter(i + jitter[ok], final[ok], s=10, alpha=0.6, color=f"C{CLIPS.index(clip)}")
-    ax.scatter(i + jitter[~ok], torch.full((int((~ok).sum()),), top), s=14, marker="x", color="k")
-    ax.plot([i - 0.3, i + 0.3], [final[ok].median()] * 2, color="k", lw=2)
-    labels.append(f"{mode}, γ={gamma:g}\nη={eta:g}\nclip {clip}")
+    colour = (style.BLUE, style.VERMILION, style.GREEN)[CLIPS.index(clip)]
+    marker = "os^"[CLIPS.index(clip)]
+    ax.scatter(i + jitter[ok], final[ok], s=22, alpha=0.6, color=colour, marker=marker,
+               label=f"clip {clip!r}" if i < 3 else None)
+    ax.scatter(i + jitter[~ok], torch.full((int((~ok).sum()),), top), s=30, marker="x", color=style.BLACK,
+               label="diverged")
+    ax.plot([i - 0.3, i + 0.3], [final[ok].median()] * 2, color=style.BLACK, ls="-", lw=2.5)
+    labels.append(f"{mode}\nγ = {gamma:g}\nη = {eta:g}")
+for i in (2.5, 5.5):
+    ax.axvline(i, color=style.GREY, lw=1)
 ax.set_yscale("log")
-ax.set_xticks(range(len(labels)), labels, fontsize=8)
-ax.set(ylabel=r"final loss $F(x_{T+1})$ per seed", ylim=(5e-3, 1e7),
+ax.set_xticks(range(len(labels)), labels, fontsize=11)
+handles, names = ax.get_legend_handles_labels()
+keep = {n: h for h, n in zip(handles, names, strict=True)}  # one entry per label
+ax.legend(keep.values(), keep.keys(), loc="upper right", ncol=4)
+ax.set(ylabel=r"final loss $F(x_{T+1})$ per seed", ylim=(5e-3, 3e7),
        title=rf"Final loss of {SEEDS} seeds after {STEPS} steps (bar: median of the finite ones; "
-             r"x at the top: diverged, $\|x\| > 10^6$)")
-fig.tight_layout()
+             r"x at the top: diverged)")
+style.save(fig, "03_clipping_final_loss")
 plt.show()
 
 # %%
@@ -192,18 +242,22 @@ mars_ref.claims.check({
         summary["exact", 1.0, 0.2, "none"][2] > 2 * summary["exact", 1.0, 0.2, "tensor"][2],
     "approx, gamma = 0.3: clipping costs speed (median F over 1.5x the unclipped)":
         summary["approx", 0.3, 0.1, "tensor"][1] > 1.5 * summary["approx", 0.3, 0.1, "none"][1],
+    "per-tensor and global clipping: median F within a factor 1.5 of each other in every setting":
+        all(max(summary[(*k, "tensor")][1], summary[(*k, "global")][1])
+            < 1.5 * min(summary[(*k, "tensor")][1], summary[(*k, "global")][1])
+            for k in (("exact", 1.0, 0.2), ("exact", 1.0, 0.4), ("approx", 0.3, 0.1))),
 })
 
 # %% [markdown]
 # **Reading.** In exact mode at $\gamma = 1$, clipping is what makes the large step usable: without it
 # a large share of the seeds diverge at $\eta = 0.4$ and the unlucky seeds at $\eta = 0.2$ end far above the
 # rest; with either clipping rule none diverges and the spread collapses. Per-tensor and global
-# clipping are close here (global a little better in exact mode, a little worse in approx mode; with
+# clipping are close here (median final losses within a factor 1.5 of each other in every setting; with
 # only two tensors the rules differ little).
 #
 # The approx runs show the price. Their $c_t$ is large because it is noisy ($k = 5.7$ times two noise
-# draws), so clipping to $\tau = 1$ fires on almost every step and simply shrinks the step: the
-# median final loss is higher *with* clipping. Clipping protects against the loop; it does not turn a
+# draws), so clipping to $\tau = 1$ mostly shrinks noise, and with it the step: the median final loss is
+# higher *with* clipping. Clipping protects against the loop; it does not turn a
 # noisy correction into a good one. That is one reason the authors' approx MARS uses a small $\gamma$.
 #
 # ## 4. `mars_ref.MARS` itself: AdamW preconditioner, three clip modes
@@ -211,7 +265,7 @@ mars_ref.claims.check({
 # The real optimizer divides by $\sqrt{\hat v_t}$, so the *size* of $c_t$ cancels out of the update
 # (every coordinate moves by at most about $\eta$ per step): the feedback loop of section 2 has nothing to
 # grow. We train the finite sum with `mars_ref.MARS(preconditioner="adamw")`, the authors'
-# defaults ($\beta = (0.95, 0.99)$, approx, $\gamma = 0.025$) and $\eta = 10^{-2}$, one parameter group per
+# defaults ($(\beta_1, \beta_2) = (0.95, 0.99)$, approx, $\gamma = 0.025$) and $\eta = 10^{-2}$, one parameter group per
 # seed, so that `clip="global"` clips over the seed's own two tensors ($W_1$ and $w_2$ as a $1\times16$
 # matrix, both 2-D, so both take the MARS path), all seeds in one `step()`.
 
@@ -243,15 +297,20 @@ def train_mars(clip, gamma=0.025, lr=1e-2, seed=5):
 
 mars_runs = {clip: train_mars(clip) for clip in CLIPS}
 
-fig, ax = plt.subplots(figsize=(7, 4.4))
-for clip, L in mars_runs.items():
-    q = L.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=L.dtype), dim=1)
-    ax.semilogy(q[1], label=f"clip = {clip!r} (median)")
-    ax.fill_between(range(len(L)), q[0], q[2], alpha=0.15)
-ax.set(xlabel="step $t$", ylabel=r"$F(x_t)$ (band: 10–90 % of seeds)",
-       title=rf"mars_ref.MARS (AdamW, approx, $\gamma$ = 0.025, $\eta$ = 0.01), {MARS_SEEDS} seeds")
-ax.legend()
-fig.tight_layout()
+fig, axes = style.figure(1, 3, sharey=True)
+quantiles = {clip: L.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=L.dtype), dim=1) for clip, L in mars_runs.items()}
+for ax, (clip, q), colour in zip(axes, quantiles.items(), (style.BLUE, style.VERMILION, style.GREEN), strict=True):
+    for other, q_other in quantiles.items():  # the other two medians, for comparison
+        if other != clip:
+            ax.plot(q_other[1], color=style.GREY, lw=1.2, ls="--")
+    ax.fill_between(range(MARS_STEPS + 1), q[0], q[2], color=colour, alpha=0.25, lw=0, label="10–90 % of seeds")
+    ax.plot(q[1], color=colour, lw=2.5, label="median")
+    ax.set(yscale="log", xlabel="step $t$", title=f"clip = {clip!r}")
+axes[0].plot([], [], color=style.GREY, lw=1.2, ls="--", label="the other two medians")
+axes[0].set_ylabel(r"$F(x_t)$")
+axes[0].legend(loc="upper right")
+fig.suptitle(rf"mars_ref.MARS (AdamW, approx, $\gamma$ = 0.025, $\eta$ = 0.01), {MARS_SEEDS} seeds")
+style.save(fig, "03_mars_clip_modes")
 plt.show()
 
 # %%
@@ -285,12 +344,45 @@ assert max(medians) / min(medians) < 1.5                       # and the clip mo
 #
 # ## Exercises
 #
-# 1. **How long can a clipped step be?** For an SGD-style step $x_{t+1} = x_t - \eta m_t$ with
-#    $c_t$ clipped at $\tau$, show $\|x_{t+1} - x_t\| \le \eta\tau\sqrt{n}$ per-tensor ($n$ tensors) and
-#    $\le \eta\tau$ global. Write `max_step_norm(lr, tau, n_tensors, clip)` and check the bound on the iterates
-#    of `toys.run(..., keep_path=True)`.
-# 2. **Direction change of per-tensor clipping.** Write `clip_cosine(parts, tau)`: the cosine between
-#    the concatenated per-tensor-clipped tensors and the unclipped ones. When is it 1? What is it
-#    for global clipping?
+# Write each function in its cell, run it, then run the `check` cell under it. Reference solutions:
+# `notebooks/solutions/nb03.py`.
 #
-# Solutions: `notebooks/solutions/nb03.py` (checked by `tests/test_exercises_01_03.py`).
+# **Exercise 03.1 · How long can a clipped step be?** For an SGD-style step $x_{t+1} = x_t - \eta m_t$ with
+# $c_t$ clipped at $\tau$, show $\|x_{t+1} - x_t\| \le \eta\tau\sqrt{J}$ per tensor ($J$ tensors) and
+# $\le \eta\tau$ global. Write `max_step_norm(lr, tau, n_tensors, clip)` (raise `ValueError` for
+# `clip="none"`, which has no bound); the check runs `toys.run(..., keep_path=True)` and measures the steps.
+
+# %%
+def max_step_norm(lr, tau, n_tensors, clip):
+    """The largest possible ||x_{t+1} - x_t|| for an SGD-style step on c_t clipped by `clip` at tau."""
+    raise NotImplementedError  # your code here
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+check("03.1", max_step_norm)
+
+# %% [markdown]
+# **Exercise 03.2 · Direction change of per-tensor clipping.** Write `clip_cosine(parts, tau)`: the cosine
+# between the concatenated per-tensor-clipped tensors and the unclipped ones. When is it 1? What is it
+# for global clipping?
+
+# %%
+def clip_cosine(parts, tau):
+    """Cosine between the per-tensor-clipped parts (concatenated) and the unclipped ones."""
+    raise NotImplementedError  # your code here
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+check("03.2", clip_cosine)
+
+# %% [markdown]
+# ## References
+#
+# * H. Yuan et al., *MARS: Make vAriance Reduction Shine*, [arXiv 2411.10438](https://arxiv.org/abs/2411.10438):
+#   the scaled correction and the per-tensor clip; `docs/algorithm.md` §2–§3 for the equations as coded.
+# * A. Cutkosky, F. Orabona, STORM, [arXiv 1905.10018](https://arxiv.org/abs/1905.10018).
+# * R. Pascanu, T. Mikolov, Y. Bengio, *On the difficulty of training recurrent neural networks*, ICML 2013,
+#   [arXiv 1211.5063](https://arxiv.org/abs/1211.5063): gradient-norm clipping against exploding updates.
+# * The course's bibliography and notation: [notebooks/README.md](README.md).

@@ -3,6 +3,17 @@
 # %% [markdown]
 # # 05 · MARS as a PyTorch optimizer: a fair small comparison
 #
+# **What this notebook teaches.** How to use `mars_ref.MARS` like any `torch.optim` optimizer (exact
+# mode is `opt.step(closure)`), and how to compare optimizers so that the comparison can say
+# something: equal tuning effort, fresh seeds with their spread, equal steps *and* equal gradient
+# evaluations, an ablation that removes only the correction, and a measurement of what the correction
+# actually is in each mode.
+#
+# **You need.** Notebooks 02–04; a PyTorch training loop; mean and standard deviation over seeds.
+#
+# **Class time.** About 50 minutes (the code runs in about 25 s on a laptop CPU).
+# Notation: the [shared table](README.md#notation).
+#
 # `mars_ref.MARS` is a `torch.optim.Optimizer`: it goes wherever AdamW goes. This notebook
 # trains the same small network with **MARS** (MARS-AdamW, approximate, the authors'
 # defaults), **AdamW** (`torch.optim.AdamW`), **Lion** and **Muon** (`mars_ref.Lion`,
@@ -20,18 +31,45 @@
 # run (4× the training data, 2.5× the steps, 5 seeds; a few minutes).
 
 # %%
-import math
+# Setup: make `mars_ref` importable. Nothing happens when it already is (after `make install` or
+# `pip install -e .`); otherwise the checkout around this notebook is installed into this kernel's Python.
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+spec = importlib.util.find_spec("mars_ref")
+if spec is None or spec.origin is None:  # not installed (a mere folder named mars_ref is no package)
+    here = Path.cwd().resolve()
+    root = next((p for p in (here, *here.parents, here / "mars_ref") if (p / "mars_ref" / "pieces.py").is_file()),
+                None)
+    if root is None:
+        raise ModuleNotFoundError("mars_ref is not installed and no mars_ref checkout is around this notebook: "
+                                  "clone the repository and open the notebook from its notebooks/ folder "
+                                  "(notebooks/README.md, 'Opening the notebooks')")
+    print(f"mars_ref is not importable: installing the checkout {root} into {sys.executable} with pip ...")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", str(root)], check=True)
+    sys.path.insert(0, str(root))  # new kernels see the editable install; this one needs the path now
+    importlib.invalidate_caches()
+    print("installed mars_ref and what it needs (torch, numpy, matplotlib, einops, tqdm)")
+import mars_ref
+
+print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__file__).parent)}")
+
+# %%
+import math
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mars_ref
+from mars_ref import style
+from mars_ref.exercises import check
 
 torch.set_num_threads(1)  # tiny model: one thread is fastest, and deterministic
-plt.rcParams.update({"figure.dpi": 90, "axes.grid": True, "grid.alpha": 0.3})
+style.use()
 FULL = os.environ.get("MARS_REF_FULL", "0") == "1"
 STEPS = 1500 if FULL else 600
 N_TRAIN = 32768 if FULL else 8192  # about 1.5 epochs either way: no overfitting regime
@@ -183,15 +221,18 @@ best_lr = {name: min(results, key=results.get) for name, results in tuning.items
 best_lr["MARS gamma=0"] = best_lr["MARS approx"]
 
 # %%
-fig, ax = plt.subplots(figsize=(7.5, 4.2))
-for i, (name, results) in enumerate(tuning.items()):
+fig, ax = style.figure()
+for name, results in tuning.items():
     lrs = list(results)
-    ax.semilogx(lrs, [results[lr] for lr in lrs], "o-", color=f"C{i}", label=name)
-    ax.semilogx([best_lr[name]], [results[best_lr[name]]], "*", color=f"C{i}", ms=14)
+    look = style.line(name if name in style.METHODS else "MARS exact", every=1)
+    if name == "MARS exact, half steps":
+        look.update(color=style.GREY, ls=":", label=name)
+    ax.semilogx(lrs, [results[lr] for lr in lrs], **look)
+    ax.semilogx([best_lr[name]], [results[best_lr[name]]], "*", color=look["color"], ms=20, ls="none")
 ax.set(xlabel="peak learning rate", ylabel="final validation loss (tuning seed)",
        title="Learning-rate grid, 3 points per optimizer (star: chosen)")
-ax.legend(fontsize=8)
-fig.tight_layout()
+ax.legend(ncol=2)
+style.save(fig, "05_lr_grid")
 plt.show()
 
 # %%
@@ -217,22 +258,21 @@ def stats(curves, key="val_loss"):
 
 
 # %%
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.4))
-for i, name in enumerate(["AdamW", "Lion", "Muon", "MARS approx"]):
+fig, (ax0, ax1) = style.figure(1, 2)
+for name in ["AdamW", "Lion", "Muon", "MARS approx"]:
     mean, std = stats(runs[name])
     steps = runs[name][0]["step"]
-    ax0.plot(steps, mean, color=f"C{i}", label=f"{name} (lr {best_lr[name]:g})")
-    ax0.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2)
-    ax1.plot(steps, mean, color=f"C{i}", label=name)
-    ax1.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2)
-ax0.set(xlabel="step", ylabel="validation loss (cross-entropy)",
-        title=f"Validation loss, mean ± std over {len(SEEDS)} seeds")
+    look = style.line(name, every=4, label=f"{name} (lr {best_lr[name]:g})")
+    for ax in (ax0, ax1):
+        ax.plot(steps, mean, **look)
+        ax.fill_between(steps, mean - std, mean + std, color=look["color"], alpha=0.2, lw=0)
+ax0.set(xlabel="step", ylabel="validation loss (cross-entropy)", title="Whole run")
 ax0.legend()
-ax1.set(xlabel="step", ylabel="validation loss", title="The same, second half of training",
-        xlim=(STEPS // 2, STEPS))
+ax1.set(xlabel="step", title="Second half, zoomed", xlim=(STEPS // 2, STEPS))
 final_means = [stats(runs[n])[0][-1].item() for n in ["AdamW", "Lion", "Muon", "MARS approx"]]
 ax1.set_ylim(min(final_means) - 0.04, max(final_means) + 0.1)
-fig.tight_layout()
+fig.suptitle(f"Tuned optimizers on fresh seeds: mean ± std over {len(SEEDS)} seeds")
+style.save(fig, "05_optimizers")
 plt.show()
 
 # %%
@@ -265,23 +305,29 @@ mars_ref.claims.check({
 # fair comparison when compute is the budget) it gets half the steps.
 
 # %%
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
-for i, name in enumerate(["MARS approx", "MARS exact", "MARS exact, half steps"]):
+EXACT_LOOK = {"MARS approx": style.line("MARS approx", every=4), "MARS exact": style.line("MARS exact", every=4),
+              "MARS exact, half steps": dict(color=style.BLUE, ls="--", marker="D", markevery=4,
+                                             label="MARS exact, half steps")}
+fig, (ax0, ax1) = style.figure(1, 2, sharey=True)
+for name, look in EXACT_LOOK.items():
     mean, std = stats(runs[name])
     for ax, key in ((ax0, "step"), (ax1, "grad_evals")):
         x = runs[name][0][key]
-        ax.plot(x, mean, color=f"C{i + 3}", label=f"{name} (lr {best_lr[name]:g})")
-        ax.fill_between(x, mean - std, mean + std, color=f"C{i + 3}", alpha=0.2)
+        ax.plot(x, mean, **{**look, "label": f"{name} (lr {best_lr[name]:g})"})
+        ax.fill_between(x, mean - std, mean + std, color=look["color"], alpha=0.2, lw=0)
+half_end = runs["MARS exact, half steps"][0]["step"][-1]
+ax0.annotate("its schedule ends here:\nlearning rate already\ndown to 1/10 of its peak",
+             xy=(half_end, stats(runs["MARS exact, half steps"])[0][-1].item()), xytext=(half_end + 40, 1.25),
+             arrowprops=dict(arrowstyle="->", color=style.BLUE), color=style.BLUE, fontsize=11)
 ax0.set(xlabel="optimizer step", ylabel="validation loss (cross-entropy)", title="Against steps", ylim=(0.95, 1.4))
 ax1.set(xlabel="gradient evaluations (forward + backward passes)", title="Against gradient evaluations")
-ax1.axvline(STEPS, color="gray", lw=0.8, ls=":")
-ax0.legend()
+ax1.axvline(STEPS, color=style.GREY, lw=1.2, ls=":")
+ax0.legend(loc="upper right")
 fig.suptitle(f"Exact vs approximate MARS, mean ± std over {len(SEEDS)} seeds")
-fig.tight_layout()
+style.save(fig, "05_exact_vs_approx")
 plt.show()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 same_steps = (final["MARS exact"] - final["MARS approx"]).tolist()  # paired by seed
 same_evals = (final["MARS exact, half steps"] - final["MARS approx"]).tolist()
 print(f"exact - approx, same {STEPS} steps (exact: twice the gradient evaluations), per seed: "
@@ -290,12 +336,35 @@ print(f"exact - approx, same {STEPS} gradient evaluations (exact: {STEPS // 2} s
       + ", ".join(f"{d:+.3f}" for d in same_evals))
 mean_steps, mean_evals = sum(same_steps) / len(same_steps), sum(same_evals) / len(same_evals)
 print(f"means: equal steps {mean_steps:+.3f}, equal gradient evaluations {mean_evals:+.3f}")
-assert all(d > 0 for d in same_evals)  # at equal gradient evaluations, exact was worse on every seed
-assert abs(mean_steps) < 0.02  # at equal steps, no gain beyond the seed spread
+half = runs["MARS exact, half steps"]
+at_half = {name: stats(runs[name])[0][runs[name][0]["step"].index(half_end)].item()
+           for name in ("MARS approx", "MARS exact", "MARS exact, half steps")}
+print(f"validation loss at step {half_end} (mean over seeds): "
+      + ", ".join(f"{name} {v:.3f}" for name, v in at_half.items()))
+print(f"learning-rate factor at step {half_end}: half-steps run {cosine(STEPS // 2)(half_end):.2f}, "
+      f"full runs {cosine(STEPS)(half_end):.2f}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+mars_ref.claims.check({
+    "equal gradient evaluations: exact (half the steps) ends above approx on every seed":
+        all(d > 0 for d in same_evals),
+    "equal steps: exact and approx differ by under 0.02 on average (no gain beyond the seed spread)":
+        abs(mean_steps) < 0.02,
+    f"at step {half_end} the half-steps run is below both full runs (its schedule has decayed, theirs has not)":
+        at_half["MARS exact, half steps"] < min(at_half["MARS approx"], at_half["MARS exact"]),
+    f"at step {half_end} the half-steps run's learning rate is 1/10 of its peak, the full runs' over half":
+        abs(cosine(STEPS // 2)(half_end) - 0.1) < 1e-12 and cosine(STEPS)(half_end) > 0.5,
+})
 
 # %% [markdown]
 # **Reading.** Per step, exact MARS is no better than approximate MARS here: the differences
 # are within the seed-to-seed spread, although exact MARS computed twice as many gradients.
+# One thing in the left panel is not what it seems: at step 300 the half-steps run is *below* the two
+# full runs. That is its schedule, not its estimator: each run's cosine goes from the peak down to a
+# tenth over its own length, so at step 300 the half-steps run has already decayed to $\eta/10$ (the
+# low-noise end of training) while the full runs are still at 55 % of their peak. Compare runs at the
+# end of their own budgets, as the right panel does.
 # Per gradient evaluation it is clearly worse, on every seed: half the steps costs more than the
 # better correction gains. (Exact mode counts 1199, not 1200, evaluations: at step 1 there is
 # no previous point.) For scale: on GPT-2 small the authors found exact better than approx by
@@ -306,74 +375,36 @@ assert abs(mean_steps) < 0.02  # at equal steps, no gain beyond the seed spread
 # The clean ablation is MARS with $\gamma = 0$: same code, same learning rate, same clipping and
 # betas, only the correction term $\gamma\frac{\beta_1}{1-\beta_1}(g_t - g_{t-1})$ removed
 # (with $\gamma = 0$ MARS-AdamW is AdamW on per-tensor-clipped gradients, see notebook 04).
-# Look back at the table above: MARS exact and MARS $\gamma = 0$ end almost at the same loss.
+# The cell also compares exact MARS with $\gamma = 0$ (both from the table of step 2).
 
 # %%
-# NBVAL_CHECK_OUTPUT
 ablation = (final["MARS approx"] - final["MARS gamma=0"]).tolist()
 spread = max(final["MARS approx"].std().item(), final["MARS gamma=0"].std().item())
 print("MARS approx (gamma = 0.025) - MARS gamma = 0, same lr, per seed: " + ", ".join(f"{d:+.3f}" for d in ablation))
 print(f"mean {sum(ablation) / len(ablation):+.3f}; seed std of either run up to {spread:.3f}")
-assert abs(sum(ablation) / len(ablation)) < 0.03  # the correction moves the result by less than 0.03 here
+exact_vs_zero = final["MARS exact"].mean().item() - final["MARS gamma=0"].mean().item()
+print(f"MARS exact - MARS gamma = 0 (means): {exact_vs_zero:+.3f}")
 
-# %% [markdown]
-# ## Summary
-#
-# * `mars_ref.MARS` is used exactly like `torch.optim.AdamW`: same loop, same scheduler; exact
-#   mode only changes `opt.step()` into `opt.step(closure)`, which costs a second forward and
-#   backward pass per step.
-# * On this small, noisy-label teacher–student task (default size), with a 3-point
-#   learning-rate grid each and 3 fresh seeds, all four optimizers end within about 0.03 of
-#   each other in validation loss.
-#   MARS approx had the lowest mean (0.987 ± 0.004), AdamW 0.990 ± 0.007, Muon 1.002 ± 0.005,
-#   Lion 1.020 ± 0.004. MARS and AdamW are indistinguishable at this spread; Muon (+0.015) and
-#   Lion (+0.033) are behind by more than it, although Muon has the best mean *accuracy*
-#   (73.0 % against 71.8–72.7 %): loss and accuracy need not rank optimizers the same way.
-#   (These are the committed run's numbers; on another CPU the last digits can differ.)
-# * Exact MARS: no per-step gain (+0.004, inside the spread) and clearly worse at equal gradient
-#   evaluations (+0.031, every seed).
-# * The correction itself ($\gamma = 0.025$ vs $\gamma = 0$, same everything else) moved the final
-#   loss by $-0.006$ on average, about one seed standard deviation: present, small.
-# * Why exact MARS ≈ $\gamma = 0$ here: its correction is about 1 % of the gradient (median), while
-#   approx MARS's is about 66 %, mostly minibatch noise: the two modes are not the same
-#   algorithm with a cheaper estimate, at this batch size they do quite different things.
-# * One full-size run (`MARS_REF_FULL=1`: 4× the data, 1500 steps, 5 seeds; not checked in CI)
-#   gave the same picture with Muon and MARS approx tied at the top (0.924 ± 0.006 and
-#   0.926 ± 0.005), AdamW 0.936, Lion 0.940; exact − approx +0.008 at equal steps and +0.026 at
-#   equal gradient evaluations; $\gamma$ ablation −0.008; correction sizes 66 % vs 1.1 %.
-# * None of this says how MARS does on large language models (the paper's claim); it shows how to
-#   run a comparison that could tell, and how small the differences are on a toy.
-#
-# ## Exercises
-#
-# 1. **Exact MARS by hand.** For the least-squares loss $f(W; A, B) = \operatorname{mean}\big((AW - B)^2\big)$
-#    with gradient $\nabla f = \tfrac{2}{\text{numel}(B)} A^\top (AW - B)$, write
-#    `exact_mars_adamw_by_hand(W0, batches, lr, betas, gamma, eps)` that runs exact MARS-AdamW
-#    over a list of `(A, B)` minibatches with the functions of `mars_ref.pieces`
-#    (`storm_correction`, `clip_by_norm`, `momentum`, `second_moment`, `adamw_direction`,
-#    `decoupled_step`), computing $\nabla f(W_{t-1}; A_t, B_t)$ yourself, and returns the final
-#    $W$. It must agree with `mars_ref.MARS(..., exact=True)` driven by `opt.step(closure)` to
-#    round-off in float64. Which single line changes for approximate MARS?
-# 2. **Is a difference real?** Write `paired_difference(a, b)` that, for per-seed results `a`
-#    and `b` (same seeds), returns the mean of $a_i - b_i$, their sample standard deviation and
-#    the paired $t$ statistic $\bar d / (s_d/\sqrt{n})$. Apply it to `final["MARS approx"]` vs
-#    `final["AdamW"]` and to the exact-vs-approx numbers above. With 3 seeds, $|t|$ must exceed
-#    4.30 for a two-sided 5 % test: which of this notebook's differences pass?
-#
-# Solutions: `notebooks/solutions/nb05.py` (checked by `tests/test_exercises_04_05.py`).
+# %%
+# NBVAL_CHECK_OUTPUT
+mars_ref.claims.check({
+    "the correction (gamma = 0.025 vs 0, approx) moves the mean final loss by under 0.03":
+        abs(sum(ablation) / len(ablation)) < 0.03,
+    "exact MARS ends within 0.02 of MARS with gamma = 0 (mean final loss)": abs(exact_vs_zero) < 0.02,
+})
 
 # %% [markdown]
 # ## Step 5: how big is the correction, exact and approx?
 #
-# That exact MARS lands next to $\gamma = 0$ has a simple cause, which we can measure. The
-# correction adds $\gamma\frac{\beta_1}{1-\beta_1}(g_t - g_{prev})$ to $g_t$, with
-# $\gamma\frac{\beta_1}{1-\beta_1} = 0.025 \cdot 19 = 0.475$. In **exact** mode $g_t - \nabla f(x_{t-1}, \xi_t)$ is the
-# change of the gradient over one small step on the *same* batch, $\approx H(x_t - x_{t-1})$: small. In
+# That exact MARS lands next to $\gamma = 0$ (step 4) has a simple cause, which we can measure. The
+# correction adds $k\,(g_t - g_{\text{prev}})$ to $g_t$, with
+# $k = \gamma\frac{\beta_1}{1-\beta_1} = 0.025 \cdot 19 = 0.475$. In **exact** mode $g_t - \nabla f(x_{t-1}, \xi_t)$
+# is the change of the gradient over one small step on the *same* batch, $\approx H(x_t - x_{t-1})$: small. In
 # **approx** mode $g_t - g_{t-1}$ also contains the difference of two independent minibatch noises,
 # which is as large as the gradient itself at batch size 32. Below, along one MARS approx run
 # (seed 1, chosen learning rate), the relative size of the correction each way,
 #
-# $$r = \gamma\frac{\beta_1}{1-\beta_1}\,\frac{\|g_t - g_{prev}\|}{\|g_t\|}\quad(\text{all weights together}),$$
+# $$r = k\,\frac{\|g_t - g_{\text{prev}}\|}{\|g_t\|}\quad(\text{all weights together}),$$
 #
 # with $\nabla f(x_{t-1}, \xi_t)$ computed on the side by a copy of the model at the previous point.
 
@@ -409,74 +440,117 @@ def correction_sizes(lr, seed, steps=STEPS, gamma=0.025, beta1=0.95):
 sizes = correction_sizes(best_lr["MARS approx"], SEEDS[0])
 
 # %%
-fig, ax = plt.subplots(figsize=(8, 4.2))
-for name, color in (("approx", "C3"), ("exact", "C4")):
-    ax.semilogy(range(2, STEPS + 1), sizes[name], color=color, alpha=0.35, lw=0.8)
+fig, ax = style.figure()
+for name, color in (("approx", style.VERMILION), ("exact", style.GREEN)):
+    ax.semilogy(range(2, STEPS + 1), sizes[name], color=color, alpha=0.35, lw=0.8, ls="-")
     window = 25
     smooth = torch.tensor(sizes[name]).unfold(0, window, 1).median(dim=1).values
     g_prev = r"$g_{t-1}$" if name == "approx" else r"$\nabla f(x_{t-1}, \xi_t)$"
-    ax.semilogy(range(2 + window // 2, 2 + window // 2 + len(smooth)), smooth, color=color, lw=2,
-                label=rf"{name}: $g_{{prev}}$ = {g_prev}")
-ax.set(xlabel="step", ylabel=r"$r = 0.475\,\|g_t - g_{prev}\| / \|g_t\|$",
-       title="Size of the MARS correction relative to the gradient\n(thin: every step; thick: running median of 25)")
+    ax.semilogy(range(2 + window // 2, 2 + window // 2 + len(smooth)), smooth, color=color, lw=3,
+                ls="-" if name == "approx" else "--", label=rf"{name}: $g_{{\rm prev}}$ = {g_prev}")
+ax.set(xlabel="step", ylabel=r"$r = 0.475\,\|g_t - g_{\rm prev}\| / \|g_t\|$",
+       title="Size of the MARS correction relative to the gradient (thin: every step; thick: running median of 25)")
 ax.legend()
-fig.tight_layout()
+style.save(fig, "05_correction_size")
 plt.show()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 med = {name: sorted(v)[len(v) // 2] for name, v in sizes.items()}
+early = {name: sorted(v[:100])[50] for name, v in sizes.items()}
+late = {name: sorted(v[-100:])[50] for name, v in sizes.items()}
 print(f"median relative size of the correction: approx {med['approx']:.2f}, exact {med['exact']:.3f} "
       f"(ratio {med['approx'] / med['exact']:.0f})")
-assert med["approx"] > 5 * med["exact"]  # approx's correction is mostly minibatch noise
-
-# %% [markdown]
-# So at $\gamma = 0.025$ the *exact* correction changes $g_t$ by about 1 % (a few per cent early on,
-# a few tenths of a per cent once the learning rate has decayed), and exact MARS behaves almost
-# like $\gamma = 0$. The *approx* "correction" is dominated by the difference of two minibatches'
-# noise, a term of about two thirds of the gradient's size, whose effect (here: a slightly lower
-# loss) is not the variance reduction of the theory. Larger $\gamma$ makes the exact
-# correction matter; the authors' small $\gamma$ keeps approx from being swamped by that noise.
-
-# %% [markdown]
-# ## Step 6: the same step, computed three ways
-#
-# `mars_ref.MARS` can compute its step in three ways, chosen with one flag, with the same
-# equations and the same state (a checkpoint moves between them):
-#
-# * the **readable** loop (default): per tensor, one small function of `mars_ref.pieces` per link of
-#   the chain, each a few torch kernels over the whole tensor; the code to read next to the paper;
-# * `foreach=True`: the same chain as grouped `torch._foreach_*` kernels over all tensors at once
-#   (`mars_ref/foreach.py`; any device, the one to use on a GPU);
-# * `fused=True`: one C loop per tensor for the clipping norm and one for everything else
-#   (`mars_ref/fused.c`, compiled on first use; float32 on the CPU).
-#
-# They differ only in float rounding (a fused multiply-add here, a sum in another order there),
-# so the runs below must agree to rounding. On this notebook's tiny network the optimizer is a small
-# part of a step; on GPT-2 small's 124M parameters the readable step takes about 10× as long as
-# `torch.optim.AdamW(fused=True)` and the fused one 1.6–1.9× (README, `benchmarks/step_time.py`).
-
-# %%
-import time
-
-PATHS = {"readable": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-path_runs, path_seconds = {}, {}
-for name, flags in PATHS.items():
-    def make(p, lr, flags=flags):
-        return mars_ref.MARS(p, lr=lr, betas=(0.95, 0.99), gamma=0.025, weight_decay=0.0, **flags)
-
-    start = time.perf_counter()
-    path_runs[name] = train(make, 1e-2, SEEDS[0])
-    path_seconds[name] = time.perf_counter() - start
-for name, curve in path_runs.items():
-    gap = max(abs(a - b) for a, b in zip(curve["val_loss"], path_runs["readable"]["val_loss"], strict=True))
-    print(f"{name:>8}: final val loss {curve['val_loss'][-1]:.5f}, largest gap to readable along the curve "
-          f"{gap:.1e}, {path_seconds[name]:.1f} s for {STEPS} steps")
+print(f"exact, median over the first 100 steps {early['exact']:.3f}, over the last 100 {late['exact']:.4f}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
 mars_ref.claims.check({
-    f"the {name} step follows the readable step's validation curve to 1e-3": max(
-        abs(a - b) for a, b in zip(curve["val_loss"], path_runs["readable"]["val_loss"], strict=True)) < 1e-3
-    for name, curve in path_runs.items() if name != "readable"
+    "approx's correction is over 5x exact's (median over the run): mostly minibatch noise":
+        med["approx"] > 5 * med["exact"],
+    "exact's correction is under 10 % of the gradient (median) and shrinks as the learning rate decays":
+        med["exact"] < 0.1 and late["exact"] < early["exact"],
+    "approx's correction is over 30 % of the gradient (median)": med["approx"] > 0.3,
 })
+
+# %% [markdown]
+# So at $\gamma = 0.025$ the *exact* correction changes $g_t$ by a small fraction (the median printed
+# above; a few per cent early on, less once the learning rate has decayed), and exact MARS behaves
+# almost like $\gamma = 0$ (step 4). The *approx* "correction" is dominated by the difference of two
+# minibatches' noise, a term of a large fraction of the gradient's size (over 30 %), whose effect is
+# not the variance reduction of the theory. Larger $\gamma$ makes the exact correction matter; the
+# authors' small $\gamma$ keeps approx from being swamped by that noise.
+
+# %% [markdown]
+# ## Summary
+#
+# * `mars_ref.MARS` is used exactly like `torch.optim.AdamW`: same loop, same scheduler; exact
+#   mode only changes `opt.step()` into `opt.step(closure)`, which costs a second forward and
+#   backward pass per step.
+# * On this small, noisy-label teacher–student task, with a 3-point learning-rate grid each and fresh
+#   seeds, every optimizer learns and MARS approx's mean final loss is the lowest of AdamW, Lion, Muon
+#   and MARS approx or within 0.05 of it (the printed table has the numbers; their last digits vary
+#   between CPUs). Loss and accuracy need not rank optimizers the same way: compare both columns.
+# * Exact MARS: no per-step gain beyond the seed spread, and worse on every seed at equal gradient
+#   evaluations. A run with half the steps looks better halfway only because its schedule has decayed.
+# * The correction itself ($\gamma = 0.025$ vs $\gamma = 0$, same everything else) moved the mean final
+#   loss by less than 0.03; exact MARS ended next to $\gamma = 0$.
+# * Why: at this batch size exact MARS's correction is a few per cent of the gradient, while approx
+#   MARS's is mostly minibatch noise, over 5× larger. The two modes are not the same algorithm with a
+#   cheaper estimate; here they do different things.
+# * None of this says how MARS does on large language models (the paper's claim); it shows how to run
+#   a comparison that could tell, and how small the differences are on a toy. Notebook 03b shows a
+#   regime where variance reduction does win at the optimizer level; notebook 06 runs the paper's
+#   experiment at CPU scale.
+#
+# ## Exercises
+#
+# Write each function in its cell, run it, then run the `check` cell under it. Reference solutions:
+# `notebooks/solutions/nb05.py`.
+#
+# **Exercise 05.1 · Exact MARS by hand.** For the least-squares loss
+# $f(W; A, Y) = \operatorname{mean}\big((AW - Y)^2\big)$ with gradient
+# $\nabla f = \tfrac{2}{\text{numel}(Y)} A^\top (AW - Y)$, write
+# `exact_mars_adamw_by_hand(W0, batches, lr, betas, gamma, eps, weight_decay)` that runs exact MARS-AdamW over
+# a list of `(A, Y)` minibatches with the functions of `mars_ref.pieces` (`storm_correction`,
+# `clip_by_norm`, `momentum`, `second_moment`, `adamw_direction`, `decoupled_step`), computing
+# $\nabla f(W_{t-1}; A_t, Y_t)$ yourself, and returns the final $W$. It must agree with
+# `mars_ref.MARS(..., exact=True)` driven by `opt.step(closure)` to round-off in float64. Which single line
+# changes for approximate MARS?
+
+# %%
+def exact_mars_adamw_by_hand(W0, batches, lr, betas=(0.95, 0.99), gamma=0.025, eps=1e-8, weight_decay=0.0):
+    """Exact MARS-AdamW on mean((A W - Y)^2) over the minibatches (A, Y), from mars_ref.pieces; the final W."""
+    raise NotImplementedError  # your code here
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+check("05.1", exact_mars_adamw_by_hand)
+
+# %% [markdown]
+# **Exercise 05.2 · Is a difference real?** Write `paired_difference(a, b)` that, for per-seed results
+# `a` and `b` (same seeds), returns the mean of $a_i - b_i$, their sample standard deviation and the
+# paired $t$ statistic $\bar d / (s_d/\sqrt{n})$. Apply it to `final["MARS approx"]` vs `final["AdamW"]`
+# and to the exact-vs-approx numbers above. With 3 seeds, $|t|$ must exceed 4.30 for a two-sided 5 %
+# test: which of this notebook's differences pass?
+
+# %%
+def paired_difference(a, b):
+    """(mean of a_i - b_i, their sample standard deviation, the paired t statistic)."""
+    raise NotImplementedError  # your code here
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+check("05.2", paired_difference)
+
+# %% [markdown]
+# ## References
+#
+# * H. Yuan et al., *MARS: Make vAriance Reduction Shine*, [arXiv 2411.10438](https://arxiv.org/abs/2411.10438).
+# * I. Loshchilov, F. Hutter, AdamW, [arXiv 1711.05101](https://arxiv.org/abs/1711.05101); X. Chen et al.,
+#   Lion, [arXiv 2302.06675](https://arxiv.org/abs/2302.06675); K. Jordan et al., Muon (2024),
+#   [blog post](https://kellerjordan.github.io/posts/muon/).
+# * The readable, foreach and fused implementations of the step, checked against each other: appendix
+#   notebook `07_appendix_porting.ipynb`.
+# * The course's bibliography and notation: [notebooks/README.md](README.md).

@@ -1,0 +1,311 @@
+r"""Checks for the notebooks' exercises: ``check("01.1", your_function)`` says right, or not yet and why.
+
+Each notebook ends with its exercises as cells: a function to write (it starts as
+``raise NotImplementedError``) and a cell that calls :func:`check`. The check never raises: it prints
+one of
+
+    Exercise 01.1 (sgd_noise_floor): not answered yet. ...
+    Exercise 01.1 (sgd_noise_floor): not right yet. For H = ..., expected 1.234e-02, got 2.468e-02.
+    Exercise 01.1 (sgd_noise_floor): right. <what was checked>
+
+(:func:`verify` returns the same verdict with ``True`` or ``False``, for tests). Every check compares
+the answer with an *independent* computation (a linear solve, an enumeration, a simulation, the
+library's own optimizer), never with the formula the exercise asks for, so it cannot give the answer
+away. The reference solutions are in
+``notebooks/solutions/`` and ``tests/test_exercises_*.py`` checks that each one passes its check.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["check", "verify", "EXERCISES", "Wrong"]
+
+
+class Wrong(AssertionError):
+    """An answer that does not match: the message says for which input, what was expected and what came."""
+
+
+@dataclass(frozen=True)
+class Exercise:
+    name: str                          # the function the student writes
+    verify: Callable[[Callable], str]  # raises Wrong (or NotImplementedError from the stub); returns what it checked
+
+
+def _close(got, expected, rel: float, what: str, abs_: float = 0.0) -> None:
+    got = float(got)
+    if math.isinf(expected):
+        if not math.isinf(got):
+            raise Wrong(f"{what}: expected inf (no stationary state), got {got:.4g}.")
+        return
+    if not math.isfinite(got) or abs(got - expected) > rel * abs(expected) + abs_:
+        raise Wrong(f"{what}: expected {expected:.6g}, got {got:.6g}.")
+
+
+def _lyapunov(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """The stationary covariance ``P = A P Aᵀ + Q`` of ``s ← A s + noise``, by one linear solve."""
+    n = A.shape[0]
+    K = torch.eye(n * n, dtype=torch.float64) - torch.kron(A, A)
+    return torch.linalg.solve(K, Q.reshape(-1)).reshape(n, n)
+
+
+# ----------------------------------------------------------------------------------------------- notebook 01
+
+
+def _sgd_noise_floor(answer) -> str:
+    gen = torch.Generator().manual_seed(0)
+    R = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    cases = [(torch.tensor([[42.0, -20.0], [-20.0, 10.0]], dtype=torch.float64), eta, 1.5)
+             for eta in (0.005, 0.02, 0.035)] + [(R @ R.T + 0.5 * torch.eye(3, dtype=torch.float64), 0.05, 0.3)]
+    for H, eta, sigma in cases:
+        A = torch.eye(len(H), dtype=torch.float64) - eta * H
+        P = _lyapunov(A, eta**2 * sigma**2 * torch.eye(len(H), dtype=torch.float64))
+        _close(answer(H, eta, sigma), 0.5 * torch.trace(H @ P).item(), 1e-6,
+               f"for H with eigenvalues {[round(v, 3) for v in torch.linalg.eigvalsh(H).tolist()]}, eta = {eta:g}, "
+               f"sigma = {sigma:g}")
+    H = cases[0][0]
+    _close(answer(H, 2.1 / torch.linalg.eigvalsh(H).max().item(), 1.0), math.inf, 0,
+           "beyond eta * h_max = 2 SGD diverges (return float('inf'))")
+    return "Matches the stationary covariance of the linear recursion (a direct solve), and inf past eta h_max = 2."
+
+
+def _noise_without_replacement(answer) -> str:
+    from .toys import TwoLayerRegression
+
+    problem = TwoLayerRegression(n=7, d_in=3, hidden=4, seed=2)
+    x = problem.init(torch.Generator().manual_seed(3))
+    full = problem.grad(x)
+    per_sample = problem.grad(x.expand(problem.n, -1), torch.arange(problem.n).unsqueeze(-1))
+    for batch in (1, 3, 6, 7):
+        subsets = torch.tensor(list(itertools.combinations(range(problem.n), batch)))
+        exact = (per_sample[subsets].mean(1) - full).square().sum(-1).mean().item()  # every subset, equally likely
+        _close(answer(problem, x, batch), exact, 1e-8, f"N = 7, B = {batch} (all {len(subsets)} subsets)", 1e-15)
+    return "Equals the average over every subset of B distinct samples (N = 7, B = 1, 3, 6, 7)."
+
+
+# ----------------------------------------------------------------------------------------------- notebook 02
+
+
+def _exact_storm_error_additive(answer) -> str:
+    for a, dim in ((0.05, 2), (0.3, 3), (1.0, 2)):
+        error = dim * 0.7**2  # E‖e_1‖² = dim σ²: d_1 = g_1
+        for t in range(1, 201):
+            if t > 1:
+                error = (1 - a) ** 2 * error + a**2 * dim * 0.7**2  # e_t = (1−a) e_{t−1} + a σ ξ_t
+            if t in (1, 2, 5, 20, 200):
+                _close(answer(a, 0.7, t, dim), error, 1e-9, f"a = {a:g}, sigma = 0.7, t = {t}, dim = {dim}")
+    return "Matches the error recursion step by step (t = 1 ... 200), for three values of a."
+
+
+def _gamma_doubling_noise(answer) -> str:
+    from .pieces import correction_scale
+
+    for beta1 in (0.9, 0.95, 0.99):
+        k = correction_scale(float(answer(beta1)), beta1)
+        _close((1 + k) ** 2 + k**2, 2.0, 1e-9, f"beta1 = {beta1:g}: the noise ratio (1+k)^2 + k^2 at your gamma")
+    return "At your gamma the approx correction doubles the noise variance, for beta1 = 0.9, 0.95, 0.99."
+
+
+# ----------------------------------------------------------------------------------------------- notebook 03
+
+
+def _max_step_norm(answer) -> str:
+    from .toys import TwoLayerRegression, run
+
+    problem = TwoLayerRegression(n=32, d_in=4, hidden=6, batch=2)
+    for clip in ("tensor", "global"):
+        r = run(problem, "mars-exact", lr=0.3, steps=60, seeds=8, beta=0.5, gamma=1.0, clip=clip, max_norm=0.05,
+                keep_path=True)
+        longest = (r.path[1:] - r.path[:-1]).norm(dim=-1).max().item()
+        bound = float(answer(0.3, 0.05, 2, clip))
+        if not longest <= bound * (1 + 1e-12):
+            raise Wrong(f"clip = {clip!r}: a step of length {longest:.4g} exceeds your bound {bound:.4g}.")
+        if not longest > 0.5 * bound:
+            raise Wrong(f"clip = {clip!r}: your bound {bound:.4g} holds but is loose (longest step {longest:.4g}).")
+    try:
+        answer(0.3, 0.05, 2, "none")
+    except ValueError:
+        return "Both bounds hold on 60 steps of 8 runs and are nearly reached; clip='none' raises ValueError."
+    raise Wrong("clip = 'none' has no bound: raise ValueError.")
+
+
+def _clip_cosine(answer) -> str:
+    gen = torch.Generator().manual_seed(2)
+    cases = [[torch.randn(3, 4, generator=gen) * 0.01, torch.randn(5, generator=gen) * 0.01],
+             [torch.randn(30, generator=gen) * 10, torch.randn(4, generator=gen) * 0.1],
+             [torch.randn(8, generator=gen) * 3, torch.randn(6, generator=gen) * 2, torch.randn(5, generator=gen)]]
+    for parts in cases:
+        factors = [min(1.0, 1.0 / p.double().norm().item()) for p in parts]
+        u = torch.cat([f * p.double().flatten() for f, p in zip(factors, parts, strict=True)])
+        v = torch.cat([p.double().flatten() for p in parts])
+        _close(answer(parts, 1.0), (u @ v / (u.norm() * v.norm())).item(), 1e-6,
+               f"parts of norms {[round(p.norm().item(), 3) for p in parts]}, tau = 1")
+    return "Right for parts that are not clipped, clipped alone, and all clipped."
+
+
+# ---------------------------------------------------------------------------------------------- notebook 03b
+
+
+def _storm_floor_ratio(answer) -> str:
+    for a, eta, h in ((0.05, 0.1, 0.1), (0.05, 0.1, 5.0), (0.2, 0.05, 2.0), (0.5, 0.2, 9.0)):
+        rho = 1 - eta * h
+        A = torch.tensor([[rho, -eta], [0.0, 1 - a]], dtype=torch.float64)  # (x, e) ← A (x, e) + (0, aσξ)
+        P = _lyapunov(A, torch.tensor([[0.0, 0.0], [0.0, a**2]], dtype=torch.float64))
+        sgd = eta**2 / (1 - rho**2)  # Var(x) of SGD, σ = 1
+        _close(answer(a, eta, h), P[0, 0].item() / sgd, 1e-6, f"a = {a:g}, eta = {eta:g}, h = {h:g}")
+    return "Matches the stationary covariance of the coupled (x, e) recursion (a direct solve) in four settings."
+
+
+# ----------------------------------------------------------------------------------------------- notebook 04
+
+
+def _ns_singular_values(answer) -> str:
+    from .pieces import newton_schulz
+
+    for shape in ((40, 40), (64, 24), (24, 64)):
+        gen = torch.Generator().manual_seed(shape[0])
+        M = torch.randn(*shape, generator=gen, dtype=torch.float64) @ torch.diag(
+            torch.logspace(0, -3, shape[1], dtype=torch.float64))
+        for steps in (1, 3, 5):
+            expected = torch.linalg.svdvals(newton_schulz(M, steps, dtype=torch.float64))
+            got = torch.as_tensor(answer(M, steps), dtype=torch.float64).flatten().sort(descending=True).values
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-9, atol=1e-12):
+                raise Wrong(f"shape {shape}, {steps} steps: expected singular values starting "
+                            f"{expected[:3].tolist()}, got {got[:3].tolist()}.")
+    return "Equal to the singular values of newton_schulz(M, steps) in float64 (3 shapes x 1, 3, 5 steps)."
+
+
+def _damped_one_step_shampoo(answer) -> str:
+    from .pieces import shampoo_direction
+
+    gen = torch.Generator().manual_seed(7)
+    for shape in ((30, 30), (48, 20), (20, 48)):
+        M = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        for eps in (1e-3, 1.0, 30.0):
+            expected = shampoo_direction(M @ M.T, M.T @ M, M, eps)
+            got = torch.as_tensor(answer(M, eps), dtype=torch.float64)
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-7, atol=1e-9):
+                raise Wrong(f"shape {shape}, eps = {eps:g}: differs from shampoo_direction(M Mᵀ, MᵀM, M, eps).")
+    return "Equal to full Shampoo's L^-1/4 M R^-1/4 with damping, for 3 shapes and 3 values of eps."
+
+
+# ----------------------------------------------------------------------------------------------- notebook 05
+
+
+def _exact_mars_adamw_by_hand(answer) -> str:
+    from .optimizer import MARS
+
+    gen = torch.Generator().manual_seed(3)
+    W0 = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    batches = [(torch.randn(16, 6, generator=gen, dtype=torch.float64),
+                torch.randn(16, 3, generator=gen, dtype=torch.float64)) for _ in range(12)]
+    for lr, weight_decay in ((1e-2, 0.0), (0.3, 0.1)):  # 0.3: large steps, so the clip is active too
+        kw = dict(lr=lr, betas=(0.9, 0.99), gamma=0.5, eps=1e-8, weight_decay=weight_decay)
+        W = torch.nn.Parameter(W0.clone())
+        opt = MARS([W], exact=True, **kw)
+        for A, B in batches:
+            def closure(A=A, B=B, W=W, opt=opt):
+                opt.zero_grad()
+                loss = ((A @ W - B) ** 2).mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+        got = torch.as_tensor(answer(W0.clone(), batches, **kw), dtype=torch.float64)
+        gap = (got - W.detach()).abs().max().item()
+        if not gap < 1e-12:
+            raise Wrong(f"lr = {lr:g}, weight decay = {weight_decay:g}: after 12 steps your W differs from "
+                        f"mars_ref.MARS(exact=True) by up to {gap:.3g}.")
+    return "Equal to mars_ref.MARS(exact=True) driven by opt.step(closure), to 1e-12, with and without clipping."
+
+
+def _paired_difference(answer) -> str:
+    for a, b in (([0.987, 0.983, 0.991, 0.979], [0.990, 0.985, 0.999, 0.984]), ([1.0, 2.0, 4.0], [0.5, 2.5, 3.0])):
+        d = [x - y for x, y in zip(a, b, strict=True)]
+        mean, std, t = (float(v) for v in answer(a, b))
+        _close(mean, statistics.fmean(d), 1e-12, f"mean of {d}", 1e-15)
+        _close(std, statistics.stdev(d), 1e-9, f"sample standard deviation of {d}")
+        _close(t, statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(len(d))), 1e-9, f"paired t of {d}")
+    return "Mean, sample standard deviation and paired t agree with the statistics module."
+
+
+# ----------------------------------------------------------------------------------------------- notebook 06
+
+
+def _noise_ratio(answer) -> str:
+    from .pieces import storm_correction
+
+    gen = torch.Generator().manual_seed(0)
+    for gamma, beta1, held in ((0.025, 0.95, None), (0.1, 0.9, 8), (0.5, 0.5, 1), (0.0, 0.95, 8)):
+        full = torch.randn(4, generator=gen, dtype=torch.float64)
+        g_prev, g = (full + torch.randn(200_000, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+        estimate = full if held is None else full + torch.randn(200_000, held, 4, generator=gen,
+                                                                dtype=torch.float64).mean(1)
+        c = storm_correction(g, g_prev, gamma, beta1)  # the library's c_t, simulated
+        simulated = ((c - estimate) ** 2).sum(1).mean().item() / ((g - estimate) ** 2).sum(1).mean().item()
+        _close(answer(gamma, beta1, held), simulated, 0.015,
+               f"gamma = {gamma:g}, beta1 = {beta1:g}, {held or 'infinitely many'} held-out batches (simulated)")
+    return "Within 1.5 % of a simulation with 200,000 draws, in four settings."
+
+
+def _momentum_lag(answer) -> str:
+    from .pieces import momentum, storm_correction
+
+    for gamma in (0.0, 0.025, 0.3, 1.0):
+        for beta1 in (0.9, 0.95):
+            m = g_prev = torch.zeros(1, dtype=torch.float64)
+            for t in range(1, 3001):  # a noiseless ramp ∇F_t = t·0.01
+                g = torch.tensor([t * 0.01], dtype=torch.float64)
+                m, g_prev = momentum(m, storm_correction(g, g_prev, gamma, beta1), beta1), g
+            _close(answer(gamma, beta1), (30.0 - m.item()) / 0.01, 0, f"gamma = {gamma:g}, beta1 = {beta1:g}", 1e-6)
+    return "Matches the lag of MARS's momentum on a simulated ramp, for 4 values of gamma and 2 of beta1."
+
+
+EXERCISES: dict[str, Exercise] = {
+    "01.1": Exercise("sgd_noise_floor", _sgd_noise_floor),
+    "01.2": Exercise("noise_without_replacement", _noise_without_replacement),
+    "02.1": Exercise("exact_storm_error_additive", _exact_storm_error_additive),
+    "02.2": Exercise("gamma_doubling_noise", _gamma_doubling_noise),
+    "03.1": Exercise("max_step_norm", _max_step_norm),
+    "03.2": Exercise("clip_cosine", _clip_cosine),
+    "03b.1": Exercise("storm_floor_ratio", _storm_floor_ratio),
+    "04.1": Exercise("ns_singular_values", _ns_singular_values),
+    "04.2": Exercise("damped_one_step_shampoo", _damped_one_step_shampoo),
+    "05.1": Exercise("exact_mars_adamw_by_hand", _exact_mars_adamw_by_hand),
+    "05.2": Exercise("paired_difference", _paired_difference),
+    "06.1": Exercise("noise_ratio", _noise_ratio),
+    "06.2": Exercise("momentum_lag", _momentum_lag),
+}
+
+
+def verify(exercise: str, answer) -> tuple[bool, str]:
+    """``(right, verdict)`` for ``answer`` (the student's function) to ``exercise`` (e.g. ``"01.1"``).
+
+    Never raises for a wrong or unfinished answer: a stub that raises ``NotImplementedError`` is "not
+    answered yet", any other exception is reported with its message."""
+    if exercise not in EXERCISES:
+        raise KeyError(f"no exercise {exercise!r}; the exercises are {', '.join(EXERCISES)}")
+    ex = EXERCISES[exercise]
+    head = f"Exercise {exercise} ({ex.name})"
+    try:
+        if not callable(answer):
+            raise Wrong(f"give the function itself, check({exercise!r}, {ex.name}), not {type(answer).__name__}.")
+        detail = ex.verify(answer)
+    except NotImplementedError:
+        return False, (f"{head}: not answered yet. Write the function in the cell above (it still raises "
+                       "NotImplementedError), run that cell, then this one.")
+    except Wrong as e:
+        return False, f"{head}: not right yet. {e}"
+    except Exception as e:  # the student's code failed: say how, do not stop the notebook
+        return False, f"{head}: your function raised {type(e).__name__}: {e}"
+    return True, f"{head}: right. {detail}"
+
+
+def check(exercise: str, answer) -> None:
+    """Print whether ``answer`` is right for ``exercise``, and why not (see :func:`verify`)."""
+    print(verify(exercise, answer)[1])
