@@ -45,6 +45,7 @@ METHODS: dict[str, dict] = {
     "MARS-AdamW exact": dict(color=GREEN, ls="--", marker="^"),
     "MARS-Lion": dict(color=PURPLE, ls="-.", marker="s"),
     "MARS-Shampoo": dict(color=BLUE, ls=":", marker="D"),
+    "MARS-M": dict(color=ORANGE, ls=(0, (5, 1, 1, 1)), marker="P"),
 }
 
 

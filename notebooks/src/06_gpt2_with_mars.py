@@ -32,8 +32,10 @@
 # character-level Shakespeare, a 0.1M-parameter GPT, 300 steps of 16 × 64 characters per
 # optimizer. That is about 10⁻⁵ of the paper's tokens and 10⁻³ of its parameters: this notebook
 # teaches how the experiment is run and measured, it does not reproduce the paper's numbers.
-# `SCALE = "gpt2-small"` (or `MARS_REF_SCALE=gpt2-small`, or `MARS_REF_FULL=1`) switches the
-# very same cells to the paper's GPT-2 small recipe on OpenWebText, for CUDA GPUs.
+# `SCALE = "gpu-lab"` (or `MARS_REF_SCALE=gpu-lab`) is the lab tier: the same cells on one GPU in about an
+# hour (a GPT-2-shaped 30M-parameter model on Shakespeare in GPT-2 tokens, offline; AdamW, MARS-AdamW and
+# exact MARS with the variance probe). `SCALE = "gpt2-small"` (or `MARS_REF_SCALE=gpt2-small`, or
+# `MARS_REF_FULL=1`) switches the very same cells to the paper's GPT-2 small recipe on OpenWebText, for CUDA GPUs.
 
 # %%
 # Setup: make `mars_ref` importable. Nothing happens when it already is (after `make install` or
@@ -84,6 +86,9 @@ from mars_ref.train import TrainConfig, load_model, make_optimizer, model_config
 
 # ═════════════════════════════ THE ONE SETTING OF THIS NOTEBOOK ═════════════════════════════
 # "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~1 min.
+# "gpu-lab"    : one GPU, about an hour: --preset gpu-lab (6 × 384, GPT-2 tokens, 1,500 steps of 16 × 256) for
+#                AdamW, MARS-AdamW and exact MARS. Also MARS_REF_SCALE=gpu-lab. (Verified here on the CPU only
+#                at shrunk size: tests/test_train.py::test_gpu_lab_preset_runs_shrunk_on_the_cpu.)
 # "gpt2-small" : the paper's GPT-2 small recipe (124M parameters, OpenWebText, 100k steps of
 #                480 × 1024 tokens) on CUDA GPUs: days. Also MARS_REF_SCALE=gpt2-small or MARS_REF_FULL=1.
 SCALE = os.environ.get("MARS_REF_SCALE") or ("gpt2-small" if os.environ.get("MARS_REF_FULL") == "1" else "cpu")
@@ -103,6 +108,15 @@ if SCALE == "cpu":
     # MARS-Lion works the same way: add "MARS-Lion": ("mars-lion", False) (about 10 s more).
     RUNS = {"AdamW": ("adamw", False), "MARS-AdamW": ("mars-adamw", False),
             "MARS-AdamW exact": ("mars-adamw", True), "MARS-Shampoo": ("mars-shampoo", False)}
+elif SCALE == "gpu-lab":
+    if not torch.cuda.is_available():
+        raise RuntimeError("SCALE = 'gpu-lab' is sized for one CUDA GPU and none is visible; use SCALE = 'cpu'")
+    WORK = tempfile.TemporaryDirectory(prefix="mars_ref_nb06_")
+    DATA_DIR, RUNS_DIR = Path(WORK.name) / "data", Path(WORK.name) / "runs"
+    DATASET = "shakespeare-gpt2"
+    COMMON = dict(preset="gpu-lab", device="cuda", variance_every=150, variance_batches=16, sample_tokens=0)
+    RUNS = {"AdamW": ("adamw", False), "MARS-AdamW": ("mars-adamw", False),
+            "MARS-AdamW exact": ("mars-adamw", True)}
 elif SCALE == "gpt2-small":
     if not torch.cuda.is_available():
         raise RuntimeError("SCALE = 'gpt2-small' trains GPT-2 small on CUDA GPUs and none is visible; "
@@ -115,7 +129,7 @@ elif SCALE == "gpt2-small":
     RUNS = {"AdamW": ("adamw", False), "MARS-AdamW": ("mars-adamw", False),
             "MARS-AdamW exact": ("mars-adamw", True)}
 else:
-    raise ValueError(f"SCALE must be 'cpu' or 'gpt2-small', not {SCALE!r}")
+    raise ValueError(f"SCALE must be 'cpu', 'gpu-lab' or 'gpt2-small', not {SCALE!r}")
 
 
 def config(name: str) -> TrainConfig:
@@ -248,7 +262,7 @@ for name in RUNS:
     if not finished(cfg):
         resume = (Path(cfg.out_dir) / "ckpt.pt").exists()
         with contextlib.redirect_stdout(io.StringIO()):  # train prints a line per evaluation
-            train(replace(cfg, resume=resume))
+            train(replace(cfg, resume=resume, overwrite=not resume))  # a run without a checkpoint: anew
     metrics[name] = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")
     summaries[name] = json.loads((Path(cfg.out_dir) / "config.json").read_text())
     last = [r for r in metrics[name] if r["kind"] == "eval"][-1]
@@ -532,7 +546,8 @@ for name in list(PAPER) + [n for n in RUNS if n not in PAPER]:
 gain_paper = [m - w for m, w in zip(PAPER["MARS-AdamW"], PAPER["AdamW"], strict=True)]
 print(f"{'MARS - AdamW':>17} | " + " ".join(f"{d:+6.3f}" for d in gain_paper)
       + f" | {best['MARS-AdamW'] - best['AdamW']:>+{len(ours)}.3f}")
-scale = "character-level Shakespeare, vocabulary 84" if SCALE == "cpu" else "OpenWebText, GPT-2 BPE"
+scale = {"cpu": "character-level Shakespeare, vocabulary 84", "gpu-lab": "Shakespeare in GPT-2 BPE"}.get(
+    SCALE, "OpenWebText, GPT-2 BPE")
 print(f"ours: {scale}, {summaries['AdamW']['n_params']:,} parameters, {tokens:,} training tokens per run; "
       f"paper: OpenWebText, GPT-2 BPE, 125M-770M parameters, 5-50B tokens")
 
