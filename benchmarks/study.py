@@ -141,13 +141,16 @@ BASE_LR = {
     "mars-adamw": (1e-2, 5e-3, 1e-4),
     "muon": (6e-2, 1e-2, 6e-4),
     "mars-shampoo": (6e-2, 1e-2, 6e-4),
+    # MARS-M (added after the study started; its runs only add cells): the CPU recipe, AdamW's rates (its update
+    # is scaled to AdamW's size; its AdamW part runs at the same lr)
+    "mars-m": (6e-3, 6e-3, 6e-5),
 }
 RECIPE_GAMMA = 0.025  # the MARS recipe's γ: the "MARS-AdamW" variant; the γ axis varies it
 
 # Measured cost (see the module docstring): seconds per training token at 1 thread, by model width, and
 # the relative cost of each optimizer's step; used until the cache has runs to calibrate on.
 DEFAULT_US_PER_TOKEN = {64: 12.2, 32: 7.1, 16: 5.0}
-STEP_COST = {"adamw": 1.0, "mars-adamw": 1.0, "muon": 1.12, "mars-shampoo": 1.14}
+STEP_COST = {"adamw": 1.0, "mars-adamw": 1.0, "muon": 1.12, "mars-shampoo": 1.14, "mars-m": 1.14}
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ VARIANTS = {v.key: v for v in [
             gamma=RECIPE_GAMMA, steps_scale=0.5),
     Variant("muon", "Muon", "muon"),
     Variant("mars-shampoo", f"MARS-Shampoo (γ={RECIPE_GAMMA:g})", "mars-shampoo", gamma=RECIPE_GAMMA),
+    Variant("mars-m", f"MARS-M (γ={RECIPE_GAMMA:g})", "mars-m", gamma=RECIPE_GAMMA),
 ]}
 
 
@@ -189,7 +193,7 @@ def variant(key: str) -> Variant:
     raise ValueError(f"unknown optimizer variant {key!r}")
 
 
-MIDDLE_EXTRAS = ["mars-adamw-exact", "mars-adamw-exact-half", "muon", "mars-shampoo"]
+MIDDLE_EXTRAS = ["mars-adamw-exact", "mars-adamw-exact-half", "muon", "mars-shampoo", "mars-m"]
 
 MODES = {
     "full": {
