@@ -101,3 +101,35 @@ def assert_same_state(A, B, pa, pb, atol=1e-6, rtol=0.0):
                 torch.testing.assert_close(sa[key], sb[key], rtol=rtol, atol=atol)
             else:
                 assert sa[key] == sb[key]
+
+
+# ---------------------------------------------------------------- side by side with torch.optim.Muon
+
+
+def single_steps_vs_torch_muon(make_ours, shapes, state_key: str, steps: int = 10, **muon_kwargs):
+    """Feed ours and ``torch.optim.Muon(lr=0.02, momentum=0.95, weight_decay=0.1, **muon_kwargs)`` the same gradients
+    from the same state at every step (parameters and ours' momentum ``state_key`` re-synchronised to torch's before
+    each step); return the worst relative Frobenius distance of the updates and of the momentum buffers."""
+    g = torch.Generator().manual_seed(0)
+    init = [0.1 * torch.randn(*s, generator=g) for s in shapes]
+    ours_p = [torch.nn.Parameter(x.clone()) for x in init]
+    ref_p = [torch.nn.Parameter(x.clone()) for x in init]
+    ours = make_ours(ours_p)
+    ref = torch.optim.Muon(ref_p, lr=0.02, momentum=0.95, weight_decay=0.1, **muon_kwargs)
+    worst_update, worst_buf = 0.0, 0.0
+    for t in range(steps):
+        grads = [torch.randn(*s, generator=g) for s in shapes]
+        for p, q, grad in zip(ours_p, ref_p, grads, strict=True):
+            p.data.copy_(q)
+            p.grad, q.grad = grad.clone(), grad.clone()
+            if t:
+                ours.state[p][state_key].copy_(ref.state[q]["momentum_buffer"])
+        before = [q.detach().clone() for q in ref_p]
+        ours.step()
+        ref.step()
+        for p, q, x0 in zip(ours_p, ref_p, before, strict=True):
+            u_ours, u_ref = p.detach() - x0, q.detach() - x0
+            worst_update = max(worst_update, ((u_ours - u_ref).norm() / u_ref.norm()).item())
+            b_ours, b_ref = ours.state[p][state_key], ref.state[q]["momentum_buffer"]
+            worst_buf = max(worst_buf, ((b_ours - b_ref).norm() / b_ref.norm()).item())
+    return worst_update, worst_buf

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import single_steps_vs_torch_muon
 from torch import nn
 
 from mars_ref import MARS, Lion, Muon
@@ -147,32 +148,8 @@ SHAPES = [(32, 32), (64, 16), (16, 64)]  # square, tall (lr factor 2), wide
 
 
 def _muon_single_steps(make_ours, steps=10):
-    """Feed ours and torch.optim.Muon the same gradients from the same state at every step (state and
-    parameters re-synchronised to torch's before each step); return the worst relative Frobenius
-    distance of the updates and of the momentum buffers."""
-    g = torch.Generator().manual_seed(0)
-    init = [0.1 * torch.randn(*s, generator=g) for s in SHAPES]
-    ours_p = [nn.Parameter(x.clone()) for x in init]
-    ref_p = [nn.Parameter(x.clone()) for x in init]
-    ours = make_ours(ours_p)
-    ref = torch.optim.Muon(ref_p, lr=0.02, momentum=0.95, weight_decay=0.1, adjust_lr_fn="original")
-    worst_update, worst_buf = 0.0, 0.0
-    for t in range(steps):
-        grads = [torch.randn(*s, generator=g) for s in SHAPES]
-        for p, q, grad in zip(ours_p, ref_p, grads, strict=True):
-            p.data.copy_(q)
-            p.grad, q.grad = grad.clone(), grad.clone()
-            if t:
-                ours.state[p]["momentum_buffer"].copy_(ref.state[q]["momentum_buffer"])
-        before = [q.detach().clone() for q in ref_p]
-        ours.step()
-        ref.step()
-        for p, q, x0 in zip(ours_p, ref_p, before, strict=True):
-            u_ours, u_ref = p.detach() - x0, q.detach() - x0
-            worst_update = max(worst_update, ((u_ours - u_ref).norm() / u_ref.norm()).item())
-            b_ours, b_ref = ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"]
-            worst_buf = max(worst_buf, ((b_ours - b_ref).norm() / b_ref.norm()).item())
-    return worst_update, worst_buf
+    """Ours beside torch.optim.Muon(adjust_lr_fn="original"), re-synchronised every step (tests/helpers.py)."""
+    return single_steps_vs_torch_muon(make_ours, SHAPES, "momentum_buffer", steps, adjust_lr_fn="original")
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")

@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from helpers import single_steps_vs_torch_muon
 from torch import nn
 
 from mars_ref import MARS
@@ -186,31 +187,8 @@ SHAPES = [(16, 12), (12, 16), (32, 8)]
 
 
 def _single_steps(make_ours, steps=6):
-    """Ours and torch.optim.Muon(nesterov=False, adjust_lr_fn="match_rms_adamw") on the same gradients from the
-    same state at every step; the worst relative distance of the updates and of the momentum buffers."""
-    g = torch.Generator().manual_seed(0)
-    init = [0.1 * torch.randn(*s, generator=g) for s in SHAPES]
-    ours_p, ref_p = [nn.Parameter(x.clone()) for x in init], [nn.Parameter(x.clone()) for x in init]
-    mine = make_ours(ours_p)
-    ref = torch.optim.Muon(ref_p, lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=False,
-                           adjust_lr_fn="match_rms_adamw")
-    worst_update, worst_buf = 0.0, 0.0
-    for t in range(steps):
-        grads = [torch.randn(*s, generator=g) for s in SHAPES]
-        for p, q, grad in zip(ours_p, ref_p, grads, strict=True):
-            p.data.copy_(q)
-            p.grad, q.grad = grad.clone(), grad.clone()
-            if t:
-                mine.state[p]["m"].copy_(ref.state[q]["momentum_buffer"])
-        before = [q.detach().clone() for q in ref_p]
-        mine.step()
-        ref.step()
-        for p, q, x0 in zip(ours_p, ref_p, before, strict=True):
-            u_ours, u_ref = p.detach() - x0, q.detach() - x0
-            worst_update = max(worst_update, ((u_ours - u_ref).norm() / u_ref.norm()).item())
-            b_ours, b_ref = mine.state[p]["m"], ref.state[q]["momentum_buffer"]
-            worst_buf = max(worst_buf, ((b_ours - b_ref).norm() / b_ref.norm()).item())
-    return worst_update, worst_buf
+    """Ours beside torch.optim.Muon(nesterov=False, adjust_lr_fn="match_rms_adamw"), re-synchronised every step."""
+    return single_steps_vs_torch_muon(make_ours, SHAPES, "m", steps, nesterov=False, adjust_lr_fn="match_rms_adamw")
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
