@@ -295,6 +295,7 @@ start = runs["AdamW"][0]["val_loss"][0]
 best_name = min(["AdamW", "Lion", "Muon", "MARS approx"], key=lambda n: final[n].mean().item())
 gap = final["MARS approx"].mean().item() - final[best_name].mean().item()
 print(f"lowest mean among AdamW, Lion, Muon, MARS approx: {best_name}; MARS approx minus it: {gap:.3f}")
+spread4 = max(final_means[:4]) - min(final_means[:4])
 d_m = final["MARS-M"] - final["Muon"]  # paired by seed: the same initialisation and batches
 print(f"MARS-M minus Muon (its base), paired by seed: {d_m.mean().item():+.3f} ± {d_m.std().item():.3f} "
       f"({int((d_m < 0).sum())} of {len(d_m)} seeds lower)")
@@ -303,7 +304,8 @@ print(f"MARS-M minus Muon (its base), paired by seed: {d_m.mean().item():+.3f} �
 # NBVAL_CHECK_OUTPUT
 mars_ref.claims.check({
     "every optimizer learns: every seed ends below loss 1.4 (from 2.3)": all((f < 1.4).all() for f in final.values()),
-    "MARS approx's mean is the lowest of AdamW, Lion, Muon, MARS approx, or within 0.05 of it": gap < 0.05,
+    "AdamW, Lion, Muon and MARS approx end within 0.05 of each other in mean final loss (MARS approx's gap to the"
+    " lowest included): this task cannot tell them apart": gap < 0.05 and spread4 < 0.05,
     "MARS-M (gamma = 0.025) ends within 0.03 of Muon, its base, in mean final loss": abs(d_m.mean().item()) < 0.03,
 })
 
@@ -497,8 +499,8 @@ mars_ref.claims.check({
 #   mode only changes `opt.step()` into `opt.step(closure)`, which costs a second forward and
 #   backward pass per step.
 # * On this small, noisy-label teacher–student task, with a 3-point learning-rate grid each and fresh
-#   seeds, every optimizer learns and MARS approx's mean final loss is the lowest of AdamW, Lion, Muon
-#   and MARS approx or within 0.05 of it (the printed table has the numbers; their last digits vary
+#   seeds, every optimizer learns, and the mean final losses of AdamW, Lion, Muon and MARS approx lie
+#   within 0.05 of each other: the task cannot rank them (the printed table has the numbers; their last digits vary
 #   between CPUs). Loss and accuracy need not rank optimizers the same way: compare both columns.
 # * MARS-M, the authors' Muon-based variant, ended next to Muon, its base (within 0.03 in mean final loss;
 #   on the machine that executed this notebook a little above it on every seed): the correction does

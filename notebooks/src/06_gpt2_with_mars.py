@@ -33,9 +33,10 @@
 # optimizer. That is about 10⁻⁵ of the paper's tokens and 10⁻³ of its parameters: this notebook
 # teaches how the experiment is run and measured, it does not reproduce the paper's numbers.
 # `SCALE = "gpu-lab"` (or `MARS_REF_SCALE=gpu-lab`) is the lab tier: the same cells on one GPU in about an
-# hour (a GPT-2-shaped 30M-parameter model on Shakespeare in GPT-2 tokens, offline; AdamW, MARS-AdamW and
-# exact MARS with the variance probe). `SCALE = "gpt2-small"` (or `MARS_REF_SCALE=gpt2-small`, or
-# `MARS_REF_FULL=1`) switches the very same cells to the paper's GPT-2 small recipe on OpenWebText, for CUDA GPUs.
+# hour by a FLOP estimate (never run on a GPU here: see notebooks/README.md): a GPT-2-shaped 30M-parameter
+# model on Shakespeare in GPT-2 tokens, offline; AdamW, MARS-AdamW and exact MARS with the variance probe.
+# `SCALE = "gpt2-small"` (or `MARS_REF_SCALE=gpt2-small`, or `MARS_REF_FULL=1`) switches the very same
+# cells to the paper's GPT-2 small recipe on OpenWebText, for CUDA GPUs.
 
 # %%
 # Setup: make `mars_ref` importable. Nothing happens when it already is (after `make install` or
@@ -86,8 +87,9 @@ from mars_ref.train import TrainConfig, load_model, make_optimizer, model_config
 
 # ═════════════════════════════ THE ONE SETTING OF THIS NOTEBOOK ═════════════════════════════
 # "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~1 min.
-# "gpu-lab"    : one GPU, about an hour: --preset gpu-lab (6 × 384, GPT-2 tokens, 1,500 steps of 16 × 256) for
-#                AdamW, MARS-AdamW and exact MARS. Also MARS_REF_SCALE=gpu-lab. (Verified here on the CPU only
+# "gpu-lab"    : one GPU, about an hour (estimated from FLOPs; never run on a GPU here): --preset gpu-lab
+#                (6 × 384, GPT-2 tokens, 1,500 steps of 16 × 256) for AdamW, MARS-AdamW and exact MARS. Also
+#                MARS_REF_SCALE=gpu-lab. (Verified here on the CPU only
 #                at shrunk size: tests/test_train.py::test_gpu_lab_preset_runs_shrunk_on_the_cpu.)
 # "gpt2-small" : the paper's GPT-2 small recipe (124M parameters, OpenWebText, 100k steps of
 #                480 × 1024 tokens) on CUDA GPUs: days. Also MARS_REF_SCALE=gpt2-small or MARS_REF_FULL=1.
@@ -322,8 +324,12 @@ if SCALE == "cpu":
 # character in 300 steps: the model has learnt character frequencies, common pairs and the shape
 # of the text (names in capitals, line breaks), only a few short words. The table gives the order of
 # the runs, but this is **one seed, one short run, and learning rates tuned for a different run
-# length**: differences of a few hundredths are not evidence either way here (notebook 05 shows what
-# a fair comparison with several seeds takes).
+# length**: differences of a few hundredths (approx MARS against AdamW) are not evidence either way here
+# (notebook 05 shows what a fair comparison with several seeds takes). Two gaps are larger: exact MARS
+# ended about 0.07 below approx MARS (against the paper's "exact ≈ approx"), and MARS-Shampoo about 0.2
+# below AdamW. The second is mostly the orthogonalised update itself at this length: MARS-Shampoo runs
+# at its own recipe (lr 0.03, no weight decay), and Muon, with no correction at all, does as well in the
+# CPU-scale reproduction (`benchmarks/README.md`); one seed cannot separate the rest.
 #
 # ## The variance instrumentation
 #
@@ -586,8 +592,9 @@ mars_ref.claims.check({
 # * `mars_ref.train.train(TrainConfig(...))` runs the paper's recipe (warm-up + cosine, global
 #   clip, MARS on 2-D tensors and AdamW on the LayerNorm gains) at any scale; `metrics.jsonl`
 #   holds everything plotted here.
-# * At CPU scale all four runs learn; the differences between them are within what one short run
-#   can tell apart.
+# * At CPU scale all four runs learn. Approx MARS and AdamW end a few hundredths apart (one seed cannot
+#   tell them apart); exact MARS ends about 0.07 lower than approx, and MARS-Shampoo about 0.2 lower than
+#   AdamW (its orthogonalised update, not the correction: Muon matches it in the reproduction).
 # * Approximate MARS's corrected gradient $c_t$ is over 1.6× noisier than the minibatch gradient,
 #   near the $(1+k)^2 + k^2 = 2.40$ of independent noise; exact MARS's is about as noisy as $g_t$.
 # * Every momentum has a much smaller MSE than $g_t$ late in training, but no smaller than the zero
