@@ -90,10 +90,14 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 # |---|---|---|
 # | SGD (Ghadimi & Lan) | $O(\epsilon^{-4})$ | $F$ $\ell$-smooth, $\mathbb{E}\|g - \nabla F\|^2 \le \sigma^2$ |
 # | SVRG (Reddi et al.; Allen-Zhu & Hazan) | $O(N + N^{2/3}\epsilon^{-2})$ | a finite sum, each $f_i$ $\ell$-smooth |
-# | SARAH, SPIDER (Fang et al.) | $O(\epsilon^{-3})$, finite sum $O(N + \sqrt N\epsilon^{-2})$ | mean-squared smooth |
-# | STORM (Cutkosky & Orabona) | $\tilde O(\epsilon^{-3})$ | the same, and bounded gradients (adaptive steps) |
+# | SARAH, SPIDER (Fang et al.)¹ | $O(\epsilon^{-3})$, finite sum $O(N + \sqrt N\epsilon^{-2})$ | mean-squared smooth |
+# | STORM (Cutkosky & Orabona) | $\tilde O(\epsilon^{-3})$ | each $f(\cdot, \xi)$ smooth a.s.², bounded gradients |
 # | MARS, exact (Yuan et al.) | STORM-type in the paper's analysis | the same, a preconditioner in a fixed range |
 # | MARS, approx (what is run) | no guarantee beyond momentum's | |
+#
+# ¹ SARAH's own paper analyses convex problems; its nonconvex rate came later (SPIDER, and SARAH's
+# follow-ups). ² A stronger assumption than mean-squared smoothness; STORM also assumes bounded gradients
+# (for its adaptive steps).
 #
 # SVRG's first analysis (Johnson & Zhang) was for strongly convex finite sums, where it converges
 # linearly; the nonconvex rate in the table is later work. For MARS, read the paper's theorem for the

@@ -247,6 +247,11 @@ style.save(fig, "03b_payoff_curves")
 plt.show()
 
 # %% [markdown]
+# Exact STORM's curves first *rise* from the warm start before they fall below everyone else's: its first
+# estimate $d_1 = g_1$ is one full minibatch of noise (here far larger than the gradient itself), and that
+# error decays only as $(1-a)^t = 0.95^t$, so for about $1/a = 20$ steps the iterate drifts along it. The
+# methods that average over fewer steps recover sooner. Variance reduction pays *after* that start-up.
+#
 # Every point of the grid at once: each method is a line through its step sizes, loss on one axis,
 # stationarity on the other, both the mean over seeds (the error bars are one standard error of that
 # mean). Down and to the left is better; a larger $\eta$ moves every method to the right-hand side of

@@ -561,8 +561,10 @@ print(f"ours: {scale}, {summaries['AdamW']['n_params']:,} parameters, {tokens:,}
 # What carries over and what does not:
 #
 # * **Scale.** Ours: 0.11M parameters, 3 × 10⁵ characters per run (about 10⁵ GPT-2 tokens' worth
-#   of text), 300 steps. The paper's: 125M–770M parameters, 5–50B BPE tokens, 100k steps of
-#   480 × 1024 tokens on 16 A100s. That is a factor of about 10³ in parameters and 10⁴–10⁵ in tokens.
+#   of text), 300 steps. The paper's: 125M–770M parameters, 5–50B BPE tokens in steps of 480 × 1024
+#   tokens (the 50B column is about 100k such steps; the 5B and 20B columns correspond to about 10k and
+#   40k; their README does not say whether those are separate shorter runs or earlier points of the
+#   long ones). That is a factor of about 10³ in parameters and 10⁴–10⁵ in tokens.
 # * **Loss units.** Nats per *character* vs nats per *BPE token*: different numbers for different
 #   questions. Even the best character model would not land near 2.5–3.2.
 # * **The gain.** In the paper MARS-AdamW beats AdamW by 0.036–0.14 nats at every size and
@@ -611,12 +613,14 @@ mars_ref.claims.check({
 # estimated from $D$ independent held-out batches. Show that approximate MARS's $c_t = g_t + k(g_t - g_{t-1})$ has
 # $\mathbb{E}\lVert c_t - \hat{\nabla} F\rVert^2 / \mathbb{E}\lVert g_t - \hat{\nabla} F\rVert^2
 # = \big((1+k)^2 + k^2 + 1/D\big)/(1 + 1/D)$ and write `noise_ratio(gamma, beta1, n_heldout=None)`
-# (`None`: $D = \infty$). Compare it with the measured ratio above. What is the ratio for exact MARS, and
+# (`None`: $D = \infty$). Compare it with the measured ratio above, which has the held-out noise floor
+# subtracted, so it corresponds to $D = \infty$ (2.40), not to the $1/D$ formula. What is the ratio for
+# exact MARS, and
 # why? What is it at $\gamma = 1$?
 
 # %%
 def noise_ratio(gamma, beta1, n_heldout=None):
-    """E||c_t - est||^2 / E||g_t - est||^2 for approx MARS, est the mean of n_heldout batches (None: exact)."""
+    """E||c_t - est||^2 / E||g_t - est||^2 for approx MARS, est the mean of n_heldout batches (None: D = inf)."""
     raise NotImplementedError  # your code here
 
 
