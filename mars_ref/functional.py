@@ -15,9 +15,9 @@ against) and keep the same state, so a checkpoint moves between them. None sees 
 
 A step is two calls because the clip needs every ``‖c_t‖`` before any momentum may change:
 :func:`correction_norms` (pass 1), then :func:`step` (pass 2) with the clip factors that
-:func:`mars_ref.chain.group_clip_factors` makes of those norms. :func:`mars` chains the two for one group,
-with the checks of :mod:`mars_ref.chain` in between; ``MARS.step`` runs pass 1 and the checks of
-*every* group before pass 2 of any, so a refused step changes nothing.
+:func:`mars_ref.chain.group_clip_factors` makes of those norms, with :func:`check` before both.
+``MARS.step`` runs the checks and pass 1 of *every* group before pass 2 of any, so a refused step
+changes nothing.
 """
 
 from __future__ import annotations
@@ -54,8 +54,3 @@ def step(t: Tensors, s: Settings, norms: list[Tensor], impl: str) -> None:
     """Pass 2: clip factors from the norms, then the step of every tensor, in place."""
     _implementation(impl).step(t, s, chain.group_clip_factors(norms, t, s))
 
-
-def mars(t: Tensors, s: Settings, state: list[dict], impl: str = "readable") -> None:
-    """One MARS step of one parameter group: checks, pass 1, pass 2."""
-    check(t, s, state, impl)
-    step(t, s, correction_norms(t, s, impl), impl)

@@ -159,6 +159,7 @@ class VarianceProbe:
 
         # MARS: c_t by the optimizer's own chain (correction, clip), group by group, then the momentum.
         cs: list[Tensor] = list(grads)
+        ms = [None] * len(self.params)
         index = {p: i for i, p in enumerate(self.params)}
         for group in self.optimizer.param_groups:
             s = chain.Settings.of(group)
@@ -167,18 +168,16 @@ class VarianceProbe:
             prev = [chain.previous_gradient(p, state.get(p, {}), b, s.exact, g_prev_exact)
                     for p, b in zip(ps, branches, strict=True)]
             t = chain.Tensors(ps, [grads[index[p]] for p in ps], prev, [], [], [], [], branches, [])
-            for p, c in zip(ps, chain.corrected_gradients(t, s), strict=True):
-                cs[index[p]] = c
-        for i, p in enumerate(self.params):
-            group = self.group_of[p]
-            s = chain.Settings.of(group)
-            if chain.branch(p, s.preconditioner, s.optimize_1d, s.fallback) != "fallback":
+            for p, b, c in zip(ps, branches, chain.corrected_gradients(t, s), strict=True):
+                i = index[p]
+                cs[i] = c
+                if b == "fallback":
+                    ms[i] = self._adamw_momentum(p, grads[i], s.beta1_1d, "m")
+                    continue
                 st = state.get(p, {})
-                t = st.get("step", 0) + 1
+                step_t = st.get("step", 0) + 1
                 #   m̂_t = (β1·m_{t−1} + (1−β1)·c_t) / (1 − β1^t)
-                ms.append(momentum(st.get("m", torch.zeros_like(p)), cs[i], s.beta1) / (1.0 - s.beta1**t))
-            else:
-                ms.append(self._adamw_momentum(p, grads[i], s.beta1_1d, "m"))
+                ms[i] = momentum(st.get("m", torch.zeros_like(p)), c, s.beta1) / (1.0 - s.beta1**step_t)
         return {"c": cs, "m": ms}
 
     # ------------------------------------------------------------------ the measurement

@@ -19,14 +19,6 @@ from mars_ref import MARS
 IMPLS = {"readable": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def params(seed=0, shapes=((6, 5), (5,), (4, 6)), dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
