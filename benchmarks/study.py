@@ -118,6 +118,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -816,6 +817,27 @@ def paired(a: CellState, b: CellState) -> dict | None:
     return out
 
 
+def paired_curve(a: CellState, b: CellState) -> dict | None:
+    """``paired`` at every evaluation: validation loss of ``a`` minus ``b`` seed by seed, at the same step (both
+    runs evaluate at the same steps: same length, same schedule of evaluations), against the fraction of the
+    run; None unless both cells are done with finite curves."""
+    if a.stage != "done" or b.stage != "done":
+        return None
+    seeds = sorted(set(a.finals) & set(b.finals))
+    ra, rb = [a.finals[s]["result"] for s in seeds], [b.finals[s]["result"] for s in seeds]
+    if any(x["steps"] != ra[0]["steps"] for x in ra + rb):
+        return None
+    steps = ra[0]["steps"]
+    out = {"steps": steps, "frac": [st / steps[-1] for st in steps], "mean": [], "lo": [], "hi": []}
+    for i in range(len(steps)):
+        d = [x["val_loss"][i] - y["val_loss"][i] if x["val_loss"][i] is not None and y["val_loss"][i] is not None
+             else math.inf for x, y in zip(ra, rb, strict=True)]
+        iv = interval(d)
+        for k in ("mean", "lo", "hi"):
+            out[k].append(iv[k])
+    return out
+
+
 def cell_summary(study: Study, st: CellState, adamw: CellState | None) -> dict:
     c, v, sh = st.cell, variant(st.cell.variant), study.shape(st.cell)
     row = {"cell": c.name, "point": c.point, "size": c.size, "variant": c.variant, "label": v.label,
@@ -868,7 +890,7 @@ def summarize(study: Study, cache: dict) -> dict:
         sh = study.shape(Cell(size, float(tpp), int(batch), "adamw"))
         return {"size": size, "tpp_point": tpp, "tokens_per_param": sh["tokens_per_param"], "epochs": sh["epochs"],
                 "batch": batch, "steps": sh["steps"], "n_params": sh["n_params"],
-                "gap": paired(a, b) if a and b else None}
+                "gap": paired(a, b) if a and b else None, "gap_curve": paired_curve(a, b) if a and b else None}
 
     tpp_gaps = {size: [gap_entry(size, t, s["batch"]) for t in tpps] for size, tpps in s["tpp_axis"].items()}
     ba = s["batch_axis"]
@@ -890,8 +912,46 @@ def summarize(study: Study, cache: dict) -> dict:
             "n_params": {k: study.n_params(k) for k in s["sizes"]},
             "cells_done": n_done, "cells": len(states), "runs_cached": len(cache),
             "total_run_seconds": sum(r["result"]["seconds"] for r in cache.values()),
+            "timing": timing(study, cache),
             "interval": "mean of per-seed paired differences ± t(0.975, n−1)·sd/√n",
             "rows": rows, "tpp_gaps": tpp_gaps, "batch_gaps": batch_gaps, "gamma": gammas, "middle": middle}
+
+
+QUIET_LOAD = 2.5  # a run whose 1-minute load average at its start was at most this had the two workers alone
+
+
+def timing(study: Study, cache: dict) -> dict:
+    """How long the cached runs took, and what they would take with the two workers alone on the machine.
+
+    ``run_seconds``: the single-thread seconds of every cached run as measured (this machine was shared with
+    other work for much of the study, which slowed runs by up to ×4). ``quiet_factor``: the median of measured /
+    cost-model seconds over the runs that started at a 1-minute load of at most ``QUIET_LOAD`` (the cost model,
+    ``Study.estimate`` without calibration, prices tokens, gradient evaluations and evaluations).
+    ``quiet_seconds``: every cached run priced by the cost model × that factor: the study's cost on 2 cores
+    that do nothing else; ``quiet_hours_at_2_workers`` = quiet_seconds / 2 / 3600 (the stage tails, a few
+    minutes, not counted)."""
+    saved, study.calibration = study.calibration, {}
+    try:
+        by_key = {j.key: j for j in study._jobs.values()}
+        ratios, model_total, measured = [], 0.0, 0.0
+        for key, rec in cache.items():
+            j = by_key.get(key)
+            if j is None:
+                continue
+            model = study.estimate(j.cell)
+            model_total += model
+            measured += rec["result"]["seconds"]
+            load = (rec.get("host") or {}).get("load_avg_before") or [math.inf]
+            if load[0] <= QUIET_LOAD:
+                ratios.append(rec["result"]["seconds"] / model)
+    finally:
+        study.calibration = saved
+    factor = statistics.median(ratios) if ratios else None
+    stamps = sorted(r["finished_at"] for r in cache.values() if r.get("finished_at"))
+    return {"runs": len(cache), "run_seconds": measured, "quiet_runs": len(ratios), "quiet_factor": factor,
+            "quiet_seconds": model_total * factor if factor else None,
+            "quiet_hours_at_2_workers": model_total * factor / 2 / 3600 if factor else None,
+            "first_finished": stamps[0] if stamps else None, "last_finished": stamps[-1] if stamps else None}
 
 
 def _fmt(x, nd=3) -> str:
@@ -906,6 +966,18 @@ def _fmt_gap(g: dict | None) -> str:
     if g.get("half") is None:
         return f"{g['mean']:+.3f} (n={g['n']})"
     return f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+
+
+def timing_text(t: dict) -> str:
+    """The study's cost in one sentence (see ``timing``)."""
+    out = (f"Time: the {t['runs']} runs took {t['run_seconds'] / 3600:.2f} core-hours as measured "
+           f"({t['run_seconds'] / 2 / 3600:.2f} h at 2 workers; finished between {t['first_finished']} and "
+           f"{t['last_finished']}, over several sessions, on a machine often busy with other work).")
+    if t["quiet_factor"]:
+        out += (f" The {t['quiet_runs']} runs that had the two workers alone ran at ×{t['quiet_factor']:.2f} the "
+                f"cost model; at that speed these {t['runs']} runs cost {t['quiet_seconds'] / 3600:.2f} core-hours = "
+                f"**{t['quiet_hours_at_2_workers']:.2f} h at 2 workers** (plus stage tails of a few minutes).")
+    return out
 
 
 def table_markdown(summary: dict) -> str:
@@ -929,6 +1001,7 @@ def table_markdown(summary: dict) -> str:
            "",
            f"Progress: {summary['cells_done']} of {summary['cells']} cells done, {summary['runs_cached']} runs cached "
            f"({summary['total_run_seconds'] / 3600:.2f} h of single-thread training).", "",
+           timing_text(summary["timing"]), "",
            "| point | model | batch | steps | tokens | tok/param | epochs | optimizer | best lr (×base) "
            "| final val loss | best val loss | Δ vs AdamW [95% CI] | grad evals | s/run |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -1097,6 +1170,115 @@ def plot_gamma(summary: dict, out: Path) -> Path:
     return out
 
 
+def plot_middle(summary: dict, out: Path) -> Path:
+    """Every optimizer at the middle point: seed-mean validation curves against gradient evaluations (left),
+    and the paired final-loss gap to AdamW with its 95% interval (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 13, "axes.titlesize": 13, "axes.labelsize": 13, "legend.fontsize": 11})
+    s = summary["settings"]
+    n = len(s["seeds"])
+    mid = s["middle"]
+    point = f"{mid['size']}-t{float(mid['tpp']):g}-b{mid['batch']}"
+    order = ["adamw", "mars-adamw", gamma_variant(0.0).key, *s["middle_extras"]]
+    rows = {r["variant"]: r for r in summary["rows"] if r["point"] == point and r["stage"] == "done"}
+    rows = [rows[v] for v in order if v in rows]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [1.15, 1]})
+    styles = ["-", "--", "-.", ":"]
+    lows = []
+    for i, r in enumerate(rows):
+        c = r["curve"]
+        pts = [(g, v) for g, v in zip(c["grad_evals"], c["val_loss_mean"], strict=True) if v is not None and g > 0]
+        if not pts:
+            continue
+        lows.append(min(v for _, v in pts))
+        ax0.plot(*zip(*pts, strict=True), color=f"C{i}", ls=styles[i % 4], lw=2, marker="o", ms=3,
+                 label=f"{r['label']}: {r['final']['mean']:.3f}")
+    if lows:
+        ax0.set_ylim(min(lows) - 0.03, min(lows) + 0.45)
+    ax0.set(xlabel="gradient evaluations (exact MARS: 2 per step)", ylabel="validation loss, mean of seeds",
+            title="validation loss (legend: final, mean of seeds)")
+    if ax0.get_legend_handles_labels()[0]:
+        ax0.legend(loc="upper right", fontsize=10)
+    ax0.grid(True, alpha=0.3)
+    labels, ms, lo, hi = [], [], [], []
+    for r in rows[1:]:
+        g = r.get("gap_vs_adamw")
+        if g is None or g.get("mean") is None:
+            continue
+        labels.append(r["label"])
+        ms.append(g["mean"])
+        lo.append(g["mean"] - (g["lo"] if g["lo"] is not None else g["mean"]))
+        hi.append((g["hi"] if g["hi"] is not None else g["mean"]) - g["mean"])
+    ys = list(range(len(labels)))[::-1]
+    colors = [f"C{order_i}" for order_i in range(1, len(labels) + 1)]
+    ax1.errorbar(ms, ys, xerr=[lo, hi], fmt="none", ecolor="k", capsize=5, lw=1.5)
+    ax1.scatter(ms, ys, c=colors, s=60, zorder=3)
+    ax1.axvline(0, color="k", lw=1, ls=":")
+    ax1.set_yticks(ys, labels)
+    ax1.set(xlabel="final val loss − AdamW's (below 0 = better)",
+            title=f"paired gap to AdamW, {n} seeds, 95% t interval")
+    ax1.grid(True, alpha=0.3, axis="x")
+    tpp = mid["tpp"] * s["tpp_unit"]
+    fig.suptitle(f"The middle point: model {mid['size']} ({summary['n_params'][mid['size']]:,} parameters), "
+                 f"{tpp:g} tokens/parameter, batch {mid['batch']}; every optimizer at its own best lr", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_gap_curves(summary: dict, out: Path) -> Path:
+    """The paired MARS-AdamW − AdamW gap at every evaluation, against the fraction of the run: one line per
+    point (mean of seeds, shaded 95% t interval), model M on the left (with the batch axis), S on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 13, "axes.titlesize": 13, "axes.labelsize": 13, "legend.fontsize": 11})
+    s = summary["settings"]
+    n = len(s["seeds"])
+    sizes = list(summary["tpp_gaps"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 6), squeeze=False)
+    ba = s["batch_axis"]
+    for ax, size in zip(axes[0], sizes, strict=True):
+        entries = list(summary["tpp_gaps"][size])
+        if size == ba["size"]:
+            entries += [e for e in summary["batch_gaps"] if e["batch"] != s["batch"]]
+        i = 0
+        for e in entries:
+            c = e.get("gap_curve")
+            if not c or any(m is None for m in c["mean"]):
+                continue
+            look = dict(color=f"C{i}", ls="-" if e["batch"] == s["batch"] else "--")
+            ax.plot(c["frac"], c["mean"], lw=2, marker="o", ms=3,
+                    label=f"{e['tokens_per_param']:.0f} tok/param, batch {e['batch']} ({e['steps']:,} steps)", **look)
+            if all(x is not None for x in c["lo"]):
+                ax.fill_between(c["frac"], c["lo"], c["hi"], color=look["color"], alpha=0.12, lw=0)
+            i += 1
+        ax.axhline(0, color="k", lw=1, ls=":")
+        ax.set(xlabel="fraction of the run (warm-up, then cosine decay of the lr to 1/100)",
+               title=f"model {size}: {s['sizes'][size]['n_layer']}×{s['sizes'][size]['n_embd']}, "
+                     f"{summary['n_params'][size]:,} parameters")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower left", fontsize=10)
+    for ax in axes[0]:
+        ax.set_ylabel("MARS-AdamW − AdamW val loss (below 0: MARS ahead)")
+    fig.suptitle(f"The gap through training, each optimizer at the lr best for the final loss; mean of {n} paired "
+                 f"seeds, shaded 95% t interval", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def write_report(study: Study, cache_dir: Path, results_dir: Path) -> dict:
     """The markdown table, the two figures and the summary JSON, from the cache only. Returns the paths."""
     cache = load_cache(cache_dir)
@@ -1106,11 +1288,14 @@ def write_report(study: Study, cache_dir: Path, results_dir: Path) -> dict:
     stem = results_dir / study.s["name"]
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": stem.with_suffix(".md"), "gap": Path(f"{stem}_gap.png"), "gamma": Path(f"{stem}_gamma.png"),
+             "middle": Path(f"{stem}_middle.png"), "curves": Path(f"{stem}_gap_curves.png"),
              "json": Path(f"{stem}_summary.json")}
     summary["cache_dir"] = os.path.relpath(cache_dir, ROOT) if cache_dir.is_relative_to(ROOT) else str(cache_dir)
     write_atomic(paths["md"], table_markdown(summary))
     plot_gaps(summary, paths["gap"])
     plot_gamma(summary, paths["gamma"])
+    plot_middle(summary, paths["middle"])
+    plot_gap_curves(summary, paths["curves"])
     write_atomic(paths["json"], json.dumps(summary, indent=1, allow_nan=False, default=_json_default) + "\n")
     return paths
 

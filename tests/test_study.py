@@ -106,6 +106,28 @@ def test_stages_grid_widening_seeds(tiny):
     assert [j.factor for j in tiny.state(other, cache).ready] == [0.25]
 
 
+def test_timing_prices_the_runs_at_the_quiet_speed(tiny):
+    cell = study.Cell("M", 1.0, 4, "adamw")
+    jobs = [tiny.job(cell, f, 0) for f in (0.5, 1.0, 2.0)]
+    tiny.calibration = {}
+    model = tiny.estimate(cell)
+    cache = {}
+    for j, (ratio, load) in zip(jobs, [(1.2, 1.9), (1.4, 2.4), (5.0, 4.0)], strict=True):
+        rec = fake(j, 2.0)
+        rec["result"]["seconds"] = ratio * model
+        rec["host"] = {"load_avg_before": [load, load, load]}
+        rec["finished_at"] = f"2026-01-0{len(cache) + 1}T00:00:00+00:00"
+        cache[j.key] = rec
+    tiny.calibration = {16: 3.0}  # a calibration in force must not leak into the quiet price, nor be lost
+    t = study.timing(tiny, cache)
+    assert tiny.calibration == {16: 3.0}
+    assert t["quiet_runs"] == 2 and t["quiet_factor"] == pytest.approx(1.3)  # median of [1.2, 1.4]
+    assert t["run_seconds"] == pytest.approx(7.6 * model) and t["quiet_seconds"] == pytest.approx(3 * 1.3 * model)
+    assert t["quiet_hours_at_2_workers"] == pytest.approx(3 * 1.3 * model / 7200)
+    assert (t["first_finished"], t["last_finished"]) == ("2026-01-01T00:00:00+00:00", "2026-01-03T00:00:00+00:00")
+    assert "3 runs took" in study.timing_text(t)
+
+
 def test_paired_gap_is_per_seed(tiny):
     a, b = study.CellState(tiny.cells[0], "done"), study.CellState(tiny.cells[1], "done")
     job = tiny.job(tiny.cells[0], 1.0, 0)
@@ -160,9 +182,18 @@ def test_tiny_study_runs_resumes_survives_a_kill_and_reports(data_dir, tmp_path,
     md = (results / "study_tiny.md").read_text()
     assert "| M-t2-b4 | 1×16 | 4 |" in md and "pending" not in md and "MARS-AdamW exact, equal grad evals" in md
     assert "t = 12.706 on 1 degrees of freedom" in md
-    for png in ("study_tiny_gap.png", "study_tiny_gamma.png"):
+    for png in ("study_tiny_gap.png", "study_tiny_gamma.png", "study_tiny_middle.png", "study_tiny_gap_curves.png"):
         assert (results / png).stat().st_size > 10_000
     summary = json.loads((results / "study_tiny_summary.json").read_text())
+    t = summary["timing"]
+    assert t["runs"] == n_runs and t["run_seconds"] == pytest.approx(summary["total_run_seconds"])
+    assert f"Time: the {n_runs} runs took" in md
+    # the gap curve is the per-evaluation version of the final gap: its last point is the final gap
+    entry = summary["tpp_gaps"]["M"][1]
+    curve = entry["gap_curve"]
+    assert curve["frac"][0] == 0 and curve["frac"][-1] == 1 and len(curve["mean"]) == len(curve["steps"])
+    assert curve["mean"][-1] == pytest.approx(entry["gap"]["mean"])
+    assert curve["lo"][-1] == pytest.approx(entry["gap"]["lo"]) and curve["hi"][-1] == pytest.approx(entry["gap"]["hi"])
     assert summary["cells_done"] == N_CELLS and summary["runs_cached"] == n_runs
     gap = summary["tpp_gaps"]["M"][1]["gap"]
     assert gap["seeds"] == [0, 1] and len(gap["diffs"]) == 2
