@@ -38,11 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -125,41 +127,58 @@ def same_run(a: dict, key: str, factor: float, seed: int, max_iters: int) -> boo
     return a["key"] == key and math.isclose(a["factor"], factor) and a["seed"] == seed and a["max_iters"] == max_iters
 
 
-def run_all(settings: dict, results_path: Path, runs_dir: Path, command: str) -> dict:
-    """The whole protocol; every finished run is appended to the results JSON at once (rerun to resume)."""
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["TQDM_DISABLE"] = "1"
+
+
+def run_all(settings: dict, results_path: Path, runs_dir: Path, command: str, workers: int = 1) -> dict:
+    """The whole protocol; every finished run is appended to the results JSON at once (rerun to resume).
+
+    ``workers`` > 1 trains the runs of each phase (tune, seeds, half) in that many processes of one torch
+    thread each; the results are the same runs with the same numbers, appended in the order they finish."""
     results = {"settings": settings, "command": command, "runs": []}
     if results_path.exists():
         old = json.loads(results_path.read_text())
         if old.get("settings") == settings:
             results["runs"] = old["runs"]
             print(f"resuming: {len(results['runs'])} runs already in {results_path}")
-    results["host"] = {"cpus": os.cpu_count(), "torch_threads": settings["threads"],
+    results["host"] = {"cpus": os.cpu_count(), "torch_threads": settings["threads"], "workers": workers,
                        "machine": platform.machine(), "load_avg_at_start": os.getloadavg()}
 
-    def ensure(key: str, factor: float, seed: int, phase: str, max_iters: int) -> dict:
-        for r in results["runs"]:
-            if same_run(r, key, factor, seed, max_iters):
-                return r
-        t0 = time.perf_counter()
-        r = run_one(key, factor, seed, settings, runs_dir, phase, max_iters)
+    def record(r: dict, t0: float) -> None:
         results["runs"].append(r)
         results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"[{len(results['runs'])}] {LABELS[key]:28s} lr×{factor:.3g} seed {seed} {max_iters} steps: "
-              f"val {r['final_val_loss']}, {time.perf_counter() - t0:.1f} s", flush=True)
-        return r
+        tmp = results_path.with_name(f".{results_path.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, results_path)  # a kill leaves the old file or the new one, never half of one
+        print(f"[{len(results['runs'])}] {LABELS[r['key']]:28s} lr×{r['factor']:.3g} seed {r['seed']} "
+              f"{r['max_iters']} steps: val {r['final_val_loss']}, {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def ensure(jobs: list[tuple]) -> None:
+        """Run every (key, factor, seed, phase, max_iters) not in the results yet."""
+        todo = [j for j in jobs if not any(same_run(r, j[0], j[1], j[2], j[4]) for r in results["runs"])]
+        if workers == 1 or len(todo) < 2:
+            for key, factor, seed, phase, steps in todo:
+                t0 = time.perf_counter()
+                record(run_one(key, factor, seed, settings, runs_dir, phase, steps), t0)
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker) as pool:
+            t0 = time.perf_counter()
+            futures = [pool.submit(run_one, key, factor, seed, settings, runs_dir, phase, steps)
+                       for key, factor, seed, phase, steps in todo]
+            for future in as_completed(futures):
+                record(future.result(), t0)
 
     n = settings["max_iters"]
-    for key, *_ in OPTIMIZERS:
-        for factor in settings["grid"]:
-            ensure(key, factor, settings["seeds"][0], "tune", n)
-    for key, *_ in OPTIMIZERS:
-        best = best_factor(results["runs"], key, n)
-        for seed in settings["seeds"][1:]:
-            ensure(key, best, seed, "seeds", n)
+    ensure([(key, factor, settings["seeds"][0], "tune", n) for key, *_ in OPTIMIZERS for factor in settings["grid"]])
+    ensure([(key, best_factor(results["runs"], key, n), seed, "seeds", n)
+            for key, *_ in OPTIMIZERS for seed in settings["seeds"][1:]])
     best = best_factor(results["runs"], EXACT_KEY, n)
-    for seed in settings["seeds"]:
-        ensure(HALF_KEY, best, seed, "half", n // 2)
+    ensure([(HALF_KEY, best, seed, "half", n // 2) for seed in settings["seeds"]])
     return results
 
 
@@ -381,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads; auto (default): all cores if the 1-minute load average is below 1, "
                              "else 1 (on a busy 2-core machine 2 threads ran ~10x slower than 1)")
     parser.add_argument("--max-iters", type=int, help="override the mode's step count (and the results name)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="train each phase's runs in this many processes of 1 torch thread (default 1: "
+                             "in this process, with --threads threads)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, not {args.workers}")
 
     if args.from_results:
         src = Path(args.from_results)
@@ -393,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.workers > 1:
+        args.threads = 1  # each worker trains with one thread
     if args.threads == "auto":
         args.threads = (os.cpu_count() or 1) if os.getloadavg()[0] < 1 else 1
     args.threads = int(args.threads)
@@ -407,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.out) if args.out else Path(args.results_dir) / name
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/reproduce.py", *(argv or sys.argv[1:])])
     t0 = time.perf_counter()
-    results = run_all(settings, stem.with_suffix(".json"), Path(args.runs_dir) / name, command)
+    results = run_all(settings, stem.with_suffix(".json"), Path(args.runs_dir) / name, command, args.workers)
     results["total_seconds"] = results.get("total_seconds", 0.0) + time.perf_counter() - t0
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(write_outputs(results, stem), end="")

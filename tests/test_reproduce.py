@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
 reproduce = importlib.util.module_from_spec(spec)
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the spawned workers of --workers import it by name
+sys.modules.setdefault("reproduce", reproduce)
 spec.loader.exec_module(reproduce)
 
 
@@ -92,22 +95,49 @@ def test_best_factor_ignores_diverged_runs(results):
     assert math.isinf(reproduce._loss(float("nan")))
 
 
-def test_run_one_trains_a_few_steps(tmp_path):
-    """Three steps of exact MARS on a tiny data set through mars_ref.train: the record the table needs."""
-    import torch
-
+def tiny_settings(tmp_path: Path) -> dict:
+    """A 1 × 16 model on a made-up 3,200-word corpus, 3 steps: the whole protocol in seconds."""
     from mars_ref import data
 
-    torch.set_num_threads(1)
     words = "to be or not that is the question whether tis nobler in the mind".split()
     rng = np.random.default_rng(0)
     source = tmp_path / "source.txt"
     source.write_text("\n".join(" ".join(rng.choice(words, size=8)) for _ in range(400)) + "\n")
     data.prepare("tiny", data_dir=str(tmp_path), tokenizer="char", source=str(source))
-    settings = {"preset": "cpu-mini", "max_iters": 3, "warmup_iters": 1, "eval_interval": 2, "eval_iters": 1,
-                "data_dir": str(tmp_path), "train_overrides": {"dataset": "tiny", "n_layer": 1, "n_embd": 16,
-                                                              "n_head": 2, "block_size": 16, "batch_size": 4}}
+    return {"preset": "cpu-mini", "max_iters": 3, "warmup_iters": 1, "eval_interval": 2, "eval_iters": 1,
+            "data_dir": str(tmp_path), "train_overrides": {"dataset": "tiny", "n_layer": 1, "n_embd": 16,
+                                                          "n_head": 2, "block_size": 16, "batch_size": 4}}
+
+
+def test_run_one_trains_a_few_steps(tmp_path):
+    """Three steps of exact MARS on a tiny data set through mars_ref.train: the record the table needs."""
+    import torch
+
+    torch.set_num_threads(1)
+    settings = tiny_settings(tmp_path)
     r = reproduce.run_one("mars-adamw-exact", 3.0, 0, settings, tmp_path / "runs", "tune")
     assert r["steps"] == [0, 2, 3] and r["grad_evals"] == [0, 3, 5]  # exact: 2 per step, 1 on the first
     assert r["lr"] == pytest.approx(3 * 1e-2) and r["lr_1d"] == pytest.approx(3 * 5e-3)
     assert r["final_val_loss"] == r["val_loss"][-1] and math.isfinite(r["final_val_loss"])
+
+
+def test_workers_give_the_same_runs_and_resume(tmp_path, monkeypatch):
+    """The protocol in 2 worker processes: the same runs with the same numbers as in-process, in any order;
+    a rerun on the finished results file trains nothing."""
+    import torch
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(reproduce, "OPTIMIZERS", [o for o in reproduce.OPTIMIZERS
+                                                  if o[0] in ("adamw", reproduce.EXACT_KEY)])
+    settings = {**tiny_settings(tmp_path), "grid": [0.5, 1.0], "seeds": [0, 1], "mode": "test", "threads": 1}
+    one = reproduce.run_all(settings, tmp_path / "one.json", tmp_path / "runs1", "test", workers=1)
+    two = reproduce.run_all(settings, tmp_path / "two.json", tmp_path / "runs2", "test", workers=2)
+
+    def finals(res):
+        return {(r["key"], r["factor"], r["seed"], r["max_iters"]): r["final_val_loss"] for r in res["runs"]}
+
+    assert len(one["runs"]) == 2 * 2 + 2 * 1 + 2  # grid on seed 0, seed 1 at the best, exact at ½ steps
+    assert finals(two) == finals(one)
+    assert json.loads((tmp_path / "two.json").read_text())["runs"] == two["runs"]
+    again = reproduce.run_all(settings, tmp_path / "two.json", tmp_path / "runs2", "test", workers=2)
+    assert again["runs"] == two["runs"]
