@@ -1,7 +1,7 @@
 """Where does MARS beat AdamW? A CPU-scale study of tokens per parameter, gradient noise and γ.
 
-    python benchmarks/study.py                  # the full study (resumable): ~2.6 h on 2 cores, see below
-    python benchmarks/study.py --workers 1      # the same on one core (~5 h; can be stopped and restarted)
+    python benchmarks/study.py                  # the full study (resumable): 2.6 h on 2 quiet cores, see below
+    python benchmarks/study.py --workers 1      # the same on one core (~5.2 h; can be stopped and restarted)
     python benchmarks/study.py --status         # what is done, what is missing, estimated time left
     python benchmarks/study.py --report         # figures, markdown table, summary JSON from the cache only
     python benchmarks/study.py --quick          # a tiny version of every axis, end to end: 2.5 min, 1 worker
@@ -87,6 +87,10 @@ total                                                   15,438 (4.3 core-hours)
 first runs of the full study took ×1.23 the estimate (one at ×1.6 while another job ran), so expect
 **~2.6 h at 2 workers** (under the 3 h budget, plus a stage tail of a few minutes) and ~5.2 h at 1 worker.
 ``--status`` prints the estimate for what is left, calibrated on the runs already cached.
+
+Measured (``timing`` in the report): the 27 cells (MARS-M added) took 185 runs and 7.07 core-hours, 3.53 h at
+2 workers, over three sessions on a machine often busy with other work; the 42 runs that had the two workers
+alone ran at ×1.07 the cost model, which prices the whole study at 5.22 core-hours = 2.61 h at 2 workers.
 
 Outputs (``--report``, also written at the end of a study; from the cache only): ``<results>/study.md`` (a row
 per point × optimizer: shape, tokens, tokens/parameter, epochs, best lr, final and best validation loss, the
@@ -1202,7 +1206,7 @@ def plot_middle(summary: dict, out: Path) -> Path:
     ax0.set(xlabel="gradient evaluations (exact MARS: 2 per step)", ylabel="validation loss, mean of seeds",
             title="validation loss (legend: final, mean of seeds)")
     if ax0.get_legend_handles_labels()[0]:
-        ax0.legend(loc="upper right", fontsize=10)
+        ax0.legend(loc="lower left", fontsize=10)
     ax0.grid(True, alpha=0.3)
     labels, ms, lo, hi = [], [], [], []
     for r in rows[1:]:
