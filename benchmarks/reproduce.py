@@ -1,7 +1,7 @@
 """A small-scale rerun of the paper's GPT-2 comparison (MARS vs AdamW, Lion, Muon), with equal tuning effort.
 
     python benchmarks/reproduce.py --quick            # 2 × 64 char-level GPT, 400 steps: ~10 min on 2 cores
-    python benchmarks/reproduce.py                    # full: 4 × 128 (cpu-tiny), 900 steps, 5-point lr grid
+    python benchmarks/reproduce.py --workers 2        # full: 4 × 128 (cpu-tiny), 900 steps, 5-point lr grid
     python benchmarks/reproduce.py --from-results benchmarks/results/reproduce_quick.json   # table + plot only
 
 Protocol, the same for every optimizer (AdamW, Lion, Muon, MARS-AdamW approx, MARS-AdamW exact, MARS-Lion,
