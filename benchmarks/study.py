@@ -88,8 +88,9 @@ first runs of the full study took ×1.23 the estimate (one at ×1.6 while anothe
 **~2.6 h at 2 workers** (under the 3 h budget, plus a stage tail of a few minutes) and ~5.2 h at 1 worker.
 ``--status`` prints the estimate for what is left, calibrated on the runs already cached.
 
-Measured (``timing`` in the report): the 27 cells (MARS-M added) took 185 runs and 7.07 core-hours, 3.53 h at
-2 workers, over three sessions on a machine often busy with other work; the 42 runs that had the two workers
+Measured (``timing`` in the report): the 27 cells (MARS-M added) took 185 runs and 7.07 core-hours (3.53 h at
+2 workers; 3.9 h from the first run's end to the last's), over two sessions on a machine often busy with other
+work; the 42 runs that had the two workers
 alone ran at ×1.07 the cost model, which prices the whole study at 5.22 core-hours = 2.61 h at 2 workers.
 
 Outputs (``--report``, also written at the end of a study; from the cache only): ``<results>/study.md`` (a row
@@ -908,8 +909,11 @@ def summarize(study: Study, cache: dict) -> dict:
         gammas.append({"gamma": g, "stage": st.stage, "final": row.get("final"), "best_factor": st.best,
                        "lr": row.get("lr"), "vs_control": paired(st, control) if control is not None else None,
                        "vs_adamw": paired(st, adamw_mid) if adamw_mid is not None else None})
+    muon_mid = at(mid["size"], mid["tpp"], mid["batch"], "muon")
     middle = [{"variant": v, "label": variant(v).label,
-               "vs_adamw": paired(at(mid["size"], mid["tpp"], mid["batch"], v), adamw_mid)}
+               "vs_adamw": paired(at(mid["size"], mid["tpp"], mid["batch"], v), adamw_mid),
+               "vs_muon": paired(at(mid["size"], mid["tpp"], mid["batch"], v), muon_mid)
+               if muon_mid is not None and v != "muon" else None}
               for v in ["mars-adamw", *s["middle_extras"]]]
     n_done = sum(st.stage == "done" for st in states)
     return {"study_version": STUDY_VERSION, "mode": s["name"], "settings": s, "data": study.data_id,
@@ -1038,6 +1042,13 @@ def table_markdown(summary: dict) -> str:
         lr = "" if g["lr"] is None else f"{g['lr']:.3g}"
         ctrl = "control" if g["gamma"] == 0 else _fmt_gap(g["vs_control"])
         out.append(f"| {g['gamma']:g} | {lr} | {final} | {ctrl} | {_fmt_gap(g['vs_adamw'])} |")
+    if "muon" in s["middle_extras"]:
+        out += ["", "## The middle point against Muon", "",
+                "Each optimizer at the middle point minus Muon, paired by seed [95% CI] (negative = better than "
+                "Muon).", "", "| optimizer | Δ vs Muon [95% CI] |", "|---|---|"]
+        for m in summary["middle"]:
+            if m["variant"] != "muon":
+                out.append(f"| {m['label']} | {_fmt_gap(m.get('vs_muon'))} |")
     out += ["", "## Learning-rate grids (final val loss on seed 0; best in bold)", "",
             "| cell | " + " | ".join(["lr: loss"] * 1) + " |", "|---|---|"]
     for r in summary["rows"]:

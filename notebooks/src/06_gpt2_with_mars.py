@@ -572,8 +572,9 @@ print(f"ours: {scale}, {summaries['AdamW']['n_params']:,} parameters, {tokens:,}
 #   the table below). Ours (MARS-AdamW − AdamW, one seed, 300 steps, each with its CPU recipe's
 #   learning rate) is a few hundredths either way: at this size that is noise as much as a result.
 #   `benchmarks/reproduce.py` makes the comparison with a tuned grid and 3 seeds (see the README), and
-#   the study of notebook 03b §5 ([`03b_where_variance_reduction_pays_off`](03b_where_variance_reduction_pays_off.ipynb))
-#   asks where the gap changes sign: across tokens per parameter, batch size and $\gamma$, 27 tuned cells.
+#   the study in §5 of
+#   [`03b_where_variance_reduction_pays_off`](03b_where_variance_reduction_pays_off.ipynb) asks where the
+#   gap changes sign: across tokens per parameter, batch size and $\gamma$, 27 tuned cells.
 #
 # %%
 # NBVAL_CHECK_OUTPUT
