@@ -400,8 +400,9 @@ class Study:
         self._jobs[k] = job
         return job
 
-    def estimate(self, cell: Cell) -> float:
-        """Predicted wall-clock seconds of one run of ``cell`` at 1 thread (calibrated on the cache if it can)."""
+    def estimate(self, cell: Cell, calibrated: bool = True) -> float:
+        """Predicted wall-clock seconds of one run of ``cell`` at 1 thread: the cost model, scaled by the
+        calibration on the cache (``calibrate``) unless ``calibrated`` is false."""
         sh = self.shape(cell)
         v = variant(cell.variant)
         width = self.s["sizes"][cell.size]["n_embd"]
@@ -409,7 +410,7 @@ class Study:
         grads = 2 if v.exact else 1
         train = sh["tokens"] * grads * STEP_COST[v.base] * us * 1e-6
         evals = (sh["steps"] // sh["eval_interval"] + 2) * sh["eval_iters"] * sh["tokens_per_step"] * us * 1e-6 / 3
-        return (train + evals) * self.calibration.get(width, 1.0)
+        return (train + evals) * (self.calibration.get(width, 1.0) if calibrated else 1.0)
 
     def calibrate(self, cache: dict) -> None:
         """Scale the cost model by measured / predicted seconds of the cached runs of each model width."""
@@ -934,26 +935,22 @@ def timing(study: Study, cache: dict) -> dict:
     ``run_seconds``: the single-thread seconds of every cached run as measured (this machine was shared with
     other work for much of the study, which slowed runs by up to ×4). ``quiet_factor``: the median of measured /
     cost-model seconds over the runs that started at a 1-minute load of at most ``QUIET_LOAD`` (the cost model,
-    ``Study.estimate`` without calibration, prices tokens, gradient evaluations and evaluations).
+    ``Study.estimate(calibrated=False)``, prices tokens, gradient evaluations and evaluations).
     ``quiet_seconds``: every cached run priced by the cost model × that factor: the study's cost on 2 cores
     that do nothing else; ``quiet_hours_at_2_workers`` = quiet_seconds / 2 / 3600 (the stage tails, a few
     minutes, not counted)."""
-    saved, study.calibration = study.calibration, {}
-    try:
-        by_key = {j.key: j for j in study._jobs.values()}
-        ratios, model_total, measured = [], 0.0, 0.0
-        for key, rec in cache.items():
-            j = by_key.get(key)
-            if j is None:
-                continue
-            model = study.estimate(j.cell)
-            model_total += model
-            measured += rec["result"]["seconds"]
-            load = (rec.get("host") or {}).get("load_avg_before") or [math.inf]
-            if load[0] <= QUIET_LOAD:
-                ratios.append(rec["result"]["seconds"] / model)
-    finally:
-        study.calibration = saved
+    by_key = {j.key: j for j in study._jobs.values()}
+    ratios, model_total, measured = [], 0.0, 0.0
+    for key, rec in cache.items():
+        j = by_key.get(key)
+        if j is None:
+            continue
+        model = study.estimate(j.cell, calibrated=False)
+        model_total += model
+        measured += rec["result"]["seconds"]
+        load = (rec.get("host") or {}).get("load_avg_before") or [math.inf]
+        if load[0] <= QUIET_LOAD:
+            ratios.append(rec["result"]["seconds"] / model)
     factor = statistics.median(ratios) if ratios else None
     stamps = sorted(r["finished_at"] for r in cache.values() if r.get("finished_at"))
     return {"runs": len(cache), "run_seconds": measured, "quiet_runs": len(ratios), "quiet_factor": factor,
@@ -1064,16 +1061,38 @@ def table_markdown(summary: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_gaps(summary: dict, out: Path) -> Path:
+def _figure(ncols: int, figsize: tuple, **kwargs):
+    """One row of ``ncols`` panels with the report's fonts (matplotlib without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 13, "axes.titlesize": 13, "axes.labelsize": 13, "legend.fontsize": 11})
+    return plt.subplots(1, ncols, figsize=figsize, **kwargs)
+
+
+def _save(fig, out: Path) -> Path:
+    """Lay out ``fig`` under its title, write it to ``out`` (110 dpi) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _bar(g: dict) -> tuple[float, float]:
+    """The lengths below and above ``g``'s mean of its 95% interval (0 where it has none) for ``errorbar``."""
+    return (g["mean"] - (g["lo"] if g["lo"] is not None else g["mean"]),
+            (g["hi"] if g["hi"] is not None else g["mean"]) - g["mean"])
+
+
+def plot_gaps(summary: dict, out: Path) -> Path:
     s = summary["settings"]
     n = len(s["seeds"])
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    fig, axes = _figure(2, (14, 6))
     ax = axes[0]
     markers = "osD^v"
     for i, (size, entries) in enumerate(summary["tpp_gaps"].items()):
@@ -1084,8 +1103,9 @@ def plot_gaps(summary: dict, out: Path) -> Path:
                 continue
             xs.append(e["tokens_per_param"])
             ys.append(g["mean"])
-            lo.append(g["mean"] - (g["lo"] if g["lo"] is not None else g["mean"]))
-            hi.append((g["hi"] if g["hi"] is not None else g["mean"]) - g["mean"])
+            below, above = _bar(g)
+            lo.append(below)
+            hi.append(above)
             ax.annotate(f"{e['epochs']:.2g} ep", (xs[-1], ys[-1]), textcoords="offset points",
                         xytext=(8, 6 if i % 2 == 0 else -16), fontsize=10, color=f"C{i}")
         label = f"model {size}: {s['sizes'][size]['n_layer']}×{s['sizes'][size]['n_embd']}, " \
@@ -1111,8 +1131,9 @@ def plot_gaps(summary: dict, out: Path) -> Path:
             continue
         xs.append(e["batch"])
         ys.append(g["mean"])
-        lo.append(g["mean"] - (g["lo"] if g["lo"] is not None else g["mean"]))
-        hi.append((g["hi"] if g["hi"] is not None else g["mean"]) - g["mean"])
+        below, above = _bar(g)
+        lo.append(below)
+        hi.append(above)
         ax.annotate(f"{e['steps']:,} steps", (xs[-1], ys[-1]), textcoords="offset points", xytext=(8, 6),
                     fontsize=10)
     if xs:
@@ -1129,24 +1150,14 @@ def plot_gaps(summary: dict, out: Path) -> Path:
     ax.grid(True, alpha=0.3, which="both")
     fig.suptitle(f"MARS-AdamW − AdamW, each at its best lr: mean of {n} paired seeds, 95% t interval "
                  f"(t = {T975.get(n - 1)}, {n - 1} dof); below 0 = MARS better", fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_gamma(summary: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 13, "axes.titlesize": 13, "axes.labelsize": 13, "legend.fontsize": 11})
     s = summary["settings"]
     n = len(s["seeds"])
     mid = s["middle"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    fig, axes = _figure(2, (14, 6))
     pts = [g for g in summary["gamma"] if g["final"] is not None and g["final"]["mean"] is not None]
     xs = [g["gamma"] for g in pts]
     if pts:
@@ -1179,21 +1190,12 @@ def plot_gamma(summary: dict, out: Path) -> Path:
     fig.suptitle(f"γ at the middle point (model {mid['size']}, {mid['tpp'] * s['tpp_unit']:g} tokens/param, batch "
                  f"{mid['batch']}); each γ at its own best lr; {n} seeds, t = {T975.get(n - 1)} on {n - 1} dof",
                  fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_middle(summary: dict, out: Path) -> Path:
     """Every optimizer at the middle point: seed-mean validation curves against gradient evaluations (left),
     and the paired final-loss gap to AdamW with its 95% interval (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 13, "axes.titlesize": 13, "axes.labelsize": 13, "legend.fontsize": 11})
     s = summary["settings"]
     n = len(s["seeds"])
     mid = s["middle"]
@@ -1201,7 +1203,7 @@ def plot_middle(summary: dict, out: Path) -> Path:
     order = ["adamw", "mars-adamw", gamma_variant(0.0).key, *s["middle_extras"]]
     rows = {r["variant"]: r for r in summary["rows"] if r["point"] == point and r["stage"] == "done"}
     rows = [rows[v] for v in order if v in rows]
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [1.15, 1]})
+    fig, (ax0, ax1) = _figure(2, (15, 6), gridspec_kw={"width_ratios": [1.15, 1]})
     styles = ["-", "--", "-.", ":"]
     lows = []
     for i, r in enumerate(rows):
@@ -1226,8 +1228,9 @@ def plot_middle(summary: dict, out: Path) -> Path:
             continue
         labels.append(r["label"])
         ms.append(g["mean"])
-        lo.append(g["mean"] - (g["lo"] if g["lo"] is not None else g["mean"]))
-        hi.append((g["hi"] if g["hi"] is not None else g["mean"]) - g["mean"])
+        below, above = _bar(g)
+        lo.append(below)
+        hi.append(above)
     ys = list(range(len(labels)))[::-1]
     colors = [f"C{order_i}" for order_i in range(1, len(labels) + 1)]
     ax1.errorbar(ms, ys, xerr=[lo, hi], fmt="none", ecolor="k", capsize=5, lw=1.5)
@@ -1240,26 +1243,16 @@ def plot_middle(summary: dict, out: Path) -> Path:
     tpp = mid["tpp"] * s["tpp_unit"]
     fig.suptitle(f"The middle point: model {mid['size']} ({summary['n_params'][mid['size']]:,} parameters), "
                  f"{tpp:g} tokens/parameter, batch {mid['batch']}; every optimizer at its own best lr", fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_gap_curves(summary: dict, out: Path) -> Path:
     """The paired MARS-AdamW − AdamW gap at every evaluation, against the fraction of the run: one line per
     point (mean of seeds, shaded 95% t interval), model M on the left (with the batch axis), S on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 13, "axes.titlesize": 13, "axes.labelsize": 13, "legend.fontsize": 11})
     s = summary["settings"]
     n = len(s["seeds"])
     sizes = list(summary["tpp_gaps"])
-    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 6), squeeze=False)
+    fig, axes = _figure(len(sizes), (7 * len(sizes), 6), squeeze=False)
     ba = s["batch_axis"]
     for ax, size in zip(axes[0], sizes, strict=True):
         entries = list(summary["tpp_gaps"][size])
@@ -1287,11 +1280,7 @@ def plot_gap_curves(summary: dict, out: Path) -> Path:
         ax.set_ylabel("MARS-AdamW − AdamW val loss (below 0: MARS ahead)")
     fig.suptitle(f"The gap through training, each optimizer at the lr best for the final loss; mean of {n} paired "
                  f"seeds, shaded 95% t interval", fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def write_report(study: Study, cache_dir: Path, results_dir: Path) -> dict:
