@@ -49,6 +49,10 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:  # for study.py's interval, however this file was loaded
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from study import interval  # noqa: E402  the 95% t interval, one definition for both benchmark scripts
 
 # (key, label in tables, mars_ref.train optimizer, exact)
 OPTIMIZERS = [
@@ -263,6 +267,24 @@ def summarize(results: dict) -> list[dict]:
     return rows
 
 
+def paired_gaps(results: dict) -> list[dict]:
+    """Each optimizer's final validation loss minus AdamW's on the same seed (each at its own best lr; the
+    half-step exact runs on their own schedule), with the 95% t interval of the mean difference."""
+    runs, n = results["runs"], results["settings"]["max_iters"]
+    adamw = {r["seed"]: _loss(r["final_val_loss"]) for r in final_runs(runs, "adamw", n)}
+    out = []
+    for row in summarize(results):
+        if row["key"] == "adamw":
+            continue
+        mine = {r["seed"]: _loss(r["final_val_loss"]) for r in final_runs(runs, row["key"], n)}
+        seeds = sorted(set(mine) & set(adamw))
+        if not seeds:
+            continue
+        diffs = [mine[s] - adamw[s] for s in seeds]
+        out.append({"key": row["key"], "label": row["label"], "seeds": seeds, "diffs": diffs, **interval(diffs)})
+    return out
+
+
 def fmt_loss(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else "diverged"
 
@@ -306,6 +328,21 @@ def table_markdown(results: dict) -> str:
             text = f"{lr:.3g}: {fmt_loss(_loss(loss))}"
             cells.append(f"**{text}**" if math.isclose(f, r["factor"]) else text)
         out.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    gaps = paired_gaps(results)
+    if gaps:
+        out += ["", "Paired by seed: final val loss minus AdamW's on the same seed (same initial weights and "
+                    "data order), mean with its 95% t interval (t(0.975, n − 1): with 3 seeds the intervals are "
+                    "wide). Negative = better than AdamW; \"yes\" when the interval excludes 0.", "",
+                "| optimizer − AdamW | per seed | mean | 95% interval | excludes 0 |", "|---|---|---|---|---|"]
+        for g in gaps:
+            per_seed = ", ".join(f"{d:+.3f}" if math.isfinite(d) else "diverged" for d in g["diffs"])
+            if g["mean"] is None:
+                mean, ci, sig = "—", "—", "—"
+            else:
+                mean = f"{g['mean']:+.3f}"
+                ci = "—" if g["lo"] is None else f"[{g['lo']:+.3f}, {g['hi']:+.3f}]"
+                sig = "—" if g["lo"] is None else ("yes" if g["lo"] > 0 or g["hi"] < 0 else "no")
+            out.append(f"| {g['label']} − AdamW | {per_seed} | {mean} | {ci} | {sig} |")
     exact = next((r for r in rows if r["key"] == EXACT_KEY), None)
     if exact is not None:
         c = exact["curve"]
@@ -435,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_all(settings, stem.with_suffix(".json"), Path(args.runs_dir) / name, command, args.workers)
     results["total_seconds"] = results.get("total_seconds", 0.0) + time.perf_counter() - t0
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    tmp = stem.with_name(f".{stem.name}.json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, stem.with_suffix(".json"))  # never half a results file
     print(write_outputs(results, stem), end="")
     print(f"total {results['total_seconds']:.0f} s; wrote {stem}.{{json,md,png}}")
     return 0

@@ -88,6 +88,29 @@ def test_from_results_regenerates_table_and_figure(results, tmp_path, capsys):
     assert "| MARS-AdamW (approx) | 0.0005: 2.600 | 0.001: 2.100 | **0.002: 1.800** |" in md
 
 
+def test_paired_gaps_to_adamw_by_hand(results):
+    """AdamW ends at 2.0, 2.2, 2.4 on seeds 0, 1, 2; MARS (approx) at 1.8, 1.9, 2.0: differences −0.2, −0.3,
+    −0.4, mean −0.3, sd 0.1, 95% half-width t(0.975, 2)·0.1/√3 = 4.303·0.1/1.732 = 0.2484."""
+    gaps = {g["key"]: g for g in reproduce.paired_gaps(results)}
+    assert "adamw" not in gaps
+    mars = gaps["mars-adamw"]
+    assert mars["seeds"] == [0, 1, 2]
+    assert mars["diffs"] == pytest.approx([-0.2, -0.3, -0.4])
+    assert mars["mean"] == pytest.approx(-0.3) and mars["sd"] == pytest.approx(0.1)
+    assert (mars["lo"], mars["hi"]) == pytest.approx((-0.3 - 0.24844, -0.3 + 0.24844), abs=1e-4)
+    # exact MARS ends at 2.1 on every seed: +0.1, −0.1, −0.3, sd 0.2, an interval that contains 0
+    exact = gaps[reproduce.EXACT_KEY]
+    assert exact["mean"] == pytest.approx(-0.1) and exact["lo"] < 0 < exact["hi"]
+    md = reproduce.table_markdown(results)
+    assert "| MARS-AdamW (approx) − AdamW | -0.200, -0.300, -0.400 | -0.300 | [-0.548, -0.052] | yes |" in md
+    assert "| MARS-AdamW (exact) − AdamW | +0.100, -0.100, -0.300 | -0.100 | [-0.597, +0.397] | no |" in md
+    assert "| Lion − AdamW | +0.500, +0.400, +0.300 | +0.400 |" in md
+    # a diverged seed leaves no mean or interval, and says so
+    results["runs"][-4]["final_val_loss"] = None  # exact MARS, seed 2
+    line = next(x for x in reproduce.table_markdown(results).splitlines() if x.startswith("| MARS-AdamW (exact) −"))
+    assert line == "| MARS-AdamW (exact) − AdamW | +0.100, -0.100, diverged | — | — | — |"
+
+
 def test_best_factor_ignores_diverged_runs(results):
     runs = results["runs"]
     runs[1]["final_val_loss"] = None  # the winning AdamW run diverged: the next best (2.5 at ×2) wins
