@@ -69,9 +69,9 @@ HALF_KEY = "mars-adamw-exact-half"
 LABELS[HALF_KEY] = "MARS-AdamW (exact), ½ steps"
 EXACT_KEY = "mars-adamw-exact"
 
-# Centre of each lr grid: (lr, lr_1d, min_lr), the mars_ref.train CPU recipe as of commit 2c3cb44 (pinned here so
-# later recipe changes do not move the grid; that commit's AdamW lr 6e-3 was later set back to 3e-3 in train.py,
-# which ×{1/3, 1, 3} of 6e-3 brackets). Every other setting (betas, weight decay, γ, clipping) is the recipe's.
+# Centre of each lr grid: (lr, lr_1d, min_lr), the mars_ref.train CPU recipe (``OPTIM_RECIPES["cpu-tiny"]``),
+# pinned here so that a later recipe change does not move the grid. Every other setting (betas, weight decay, γ,
+# clipping) is the recipe's.
 BASE_LR = {
     "adamw": (6e-3, 6e-3, 6e-5),
     "lion": (5e-4, 5e-4, 5e-6),
