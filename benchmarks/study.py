@@ -1180,8 +1180,9 @@ def plot_gamma(summary: dict, out: Path) -> Path:
     if pts:
         xs = [0.0] + [g["gamma"] for g in pts]
         m = [0.0] + [g["vs_control"]["mean"] for g in pts]
-        lo = [0.0] + [g["vs_control"]["mean"] - (g["vs_control"]["lo"] or g["vs_control"]["mean"]) for g in pts]
-        hi = [0.0] + [(g["vs_control"]["hi"] or g["vs_control"]["mean"]) - g["vs_control"]["mean"] for g in pts]
+        bars = [_bar(g["vs_control"]) for g in pts]
+        lo = [0.0] + [below for below, _ in bars]
+        hi = [0.0] + [above for _, above in bars]
         axes[1].errorbar(xs, m, yerr=[lo, hi], marker="o", capsize=5, lw=1.8, color="C1")
     axes[1].axhline(0, color="k", lw=1, ls=":")
     axes[1].set(xlabel="γ", ylabel="final val loss: MARS(γ) − MARS(γ = 0)",
