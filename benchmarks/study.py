@@ -1089,6 +1089,14 @@ def _bar(g: dict) -> tuple[float, float]:
             (g["hi"] if g["hi"] is not None else g["mean"]) - g["mean"])
 
 
+def _with_bars(items: list, gap_of) -> tuple[list, list[float], list[float], list[float]]:
+    """The items whose gap (``gap_of(item)``) has a mean, with those means and their ``_bar`` lengths below and
+    above: ``(kept, means, below, above)``, ready for ``errorbar``."""
+    kept = [it for it in items if gap_of(it) is not None and gap_of(it).get("mean") is not None]
+    bars = [_bar(gap_of(it)) for it in kept]
+    return kept, [gap_of(it)["mean"] for it in kept], [b for b, _ in bars], [a for _, a in bars]
+
+
 def plot_gaps(summary: dict, out: Path) -> Path:
     s = summary["settings"]
     n = len(s["seeds"])
@@ -1096,17 +1104,10 @@ def plot_gaps(summary: dict, out: Path) -> Path:
     ax = axes[0]
     markers = "osD^v"
     for i, (size, entries) in enumerate(summary["tpp_gaps"].items()):
-        xs, ys, lo, hi = [], [], [], []
-        for e in entries:
-            g = e["gap"]
-            if g is None or g.get("mean") is None:
-                continue
-            xs.append(e["tokens_per_param"])
-            ys.append(g["mean"])
-            below, above = _bar(g)
-            lo.append(below)
-            hi.append(above)
-            ax.annotate(f"{e['epochs']:.2g} ep", (xs[-1], ys[-1]), textcoords="offset points",
+        kept, ys, lo, hi = _with_bars(entries, lambda e: e["gap"])
+        xs = [e["tokens_per_param"] for e in kept]
+        for e, x, y in zip(kept, xs, ys, strict=True):
+            ax.annotate(f"{e['epochs']:.2g} ep", (x, y), textcoords="offset points",
                         xytext=(8, 6 if i % 2 == 0 else -16), fontsize=10, color=f"C{i}")
         label = f"model {size}: {s['sizes'][size]['n_layer']}×{s['sizes'][size]['n_embd']}, " \
                 f"{summary['n_params'][size]:,} params"
@@ -1124,18 +1125,10 @@ def plot_gaps(summary: dict, out: Path) -> Path:
         ax.legend(loc="best")
     ax.grid(True, alpha=0.3, which="both")
     ax = axes[1]
-    xs, ys, lo, hi = [], [], [], []
-    for e in summary["batch_gaps"]:
-        g = e["gap"]
-        if g is None or g.get("mean") is None:
-            continue
-        xs.append(e["batch"])
-        ys.append(g["mean"])
-        below, above = _bar(g)
-        lo.append(below)
-        hi.append(above)
-        ax.annotate(f"{e['steps']:,} steps", (xs[-1], ys[-1]), textcoords="offset points", xytext=(8, 6),
-                    fontsize=10)
+    kept, ys, lo, hi = _with_bars(summary["batch_gaps"], lambda e: e["gap"])
+    xs = [e["batch"] for e in kept]
+    for e, x, y in zip(kept, xs, ys, strict=True):
+        ax.annotate(f"{e['steps']:,} steps", (x, y), textcoords="offset points", xytext=(8, 6), fontsize=10)
     if xs:
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=5, lw=1.8, color="C2")
     ba = s["batch_axis"]
@@ -1175,15 +1168,10 @@ def plot_gamma(summary: dict, out: Path) -> Path:
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(loc="best")
     axes[0].grid(True, alpha=0.3)
-    pts = [g for g in summary["gamma"] if g["gamma"] != 0 and g["vs_control"] is not None
-           and g["vs_control"].get("mean") is not None]
-    if pts:
+    pts, m, lo, hi = _with_bars([g for g in summary["gamma"] if g["gamma"] != 0], lambda g: g["vs_control"])
+    if pts:  # the control itself at (0, 0), then each γ's paired gap to it
         xs = [0.0] + [g["gamma"] for g in pts]
-        m = [0.0] + [g["vs_control"]["mean"] for g in pts]
-        bars = [_bar(g["vs_control"]) for g in pts]
-        lo = [0.0] + [below for below, _ in bars]
-        hi = [0.0] + [above for _, above in bars]
-        axes[1].errorbar(xs, m, yerr=[lo, hi], marker="o", capsize=5, lw=1.8, color="C1")
+        axes[1].errorbar(xs, [0.0, *m], yerr=[[0.0, *lo], [0.0, *hi]], marker="o", capsize=5, lw=1.8, color="C1")
     axes[1].axhline(0, color="k", lw=1, ls=":")
     axes[1].set(xlabel="γ", ylabel="final val loss: MARS(γ) − MARS(γ = 0)",
                 title="paired gap to the γ = 0 control (below 0 = variance reduction helps)")
@@ -1222,16 +1210,8 @@ def plot_middle(summary: dict, out: Path) -> Path:
     if ax0.get_legend_handles_labels()[0]:
         ax0.legend(loc="lower left", fontsize=10)
     ax0.grid(True, alpha=0.3)
-    labels, ms, lo, hi = [], [], [], []
-    for r in rows[1:]:
-        g = r.get("gap_vs_adamw")
-        if g is None or g.get("mean") is None:
-            continue
-        labels.append(r["label"])
-        ms.append(g["mean"])
-        below, above = _bar(g)
-        lo.append(below)
-        hi.append(above)
+    kept, ms, lo, hi = _with_bars(rows[1:], lambda r: r.get("gap_vs_adamw"))
+    labels = [r["label"] for r in kept]
     ys = list(range(len(labels)))[::-1]
     colors = [f"C{order_i}" for order_i in range(1, len(labels) + 1)]
     ax1.errorbar(ms, ys, xerr=[lo, hi], fmt="none", ecolor="k", capsize=5, lw=1.5)
