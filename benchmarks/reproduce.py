@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "benchmarks") not in sys.path:  # for study.py's interval, however this file was loaded
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from study import interval  # noqa: E402  the 95% t interval, one definition for both benchmark scripts
+from study import interval, write_atomic  # noqa: E402  one definition of each for both benchmark scripts
 
 # (key, label in tables, mars_ref.train optimizer, exact)
 OPTIMIZERS = [
@@ -154,10 +154,7 @@ def run_all(settings: dict, results_path: Path, runs_dir: Path, command: str, wo
 
     def record(r: dict, t0: float) -> None:
         results["runs"].append(r)
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = results_path.with_name(f".{results_path.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        os.replace(tmp, results_path)  # a kill leaves the old file or the new one, never half of one
+        write_atomic(results_path, json.dumps(results, indent=1) + "\n")  # a kill leaves the old file or the new
         print(f"[{len(results['runs'])}] {LABELS[r['key']]:28s} lr×{r['factor']:.3g} seed {r['seed']} "
               f"{r['max_iters']} steps: val {r['final_val_loss']}, {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -418,7 +415,7 @@ def plot(results: dict, out: Path) -> Path:
 
 def write_outputs(results: dict, stem: Path) -> str:
     md = table_markdown(results)
-    stem.with_suffix(".md").write_text(md)
+    write_atomic(stem.with_suffix(".md"), md)
     plot(results, stem.with_suffix(".png"))
     return md
 
@@ -472,9 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_all(settings, stem.with_suffix(".json"), Path(args.runs_dir) / name, command, args.workers)
     results["total_seconds"] = results.get("total_seconds", 0.0) + time.perf_counter() - t0
-    tmp = stem.with_name(f".{stem.name}.json.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, stem.with_suffix(".json"))  # never half a results file
+    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     print(write_outputs(results, stem), end="")
     print(f"total {results['total_seconds']:.0f} s; wrote {stem}.{{json,md,png}}")
     return 0
