@@ -133,3 +133,18 @@ def single_steps_vs_torch_muon(make_ours, shapes, state_key: str, steps: int = 1
             b_ours, b_ref = ours.state[p][state_key], ref.state[q]["momentum_buffer"]
             worst_buf = max(worst_buf, ((b_ours - b_ref).norm() / b_ref.norm()).item())
     return worst_update, worst_buf
+
+
+# ---------------------------------------------------------------- numbers computed on another machine
+
+def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 16) -> None:
+    """``actual`` (computed here) equals ``expected`` (computed on another machine: a fixture, a committed output)
+    to rounding. CPUs of other vector widths sum in other orders (norms, matrix products, reductions), so an
+    element may differ by a few units in the last place of the largest value it was computed from, not of itself:
+    the tolerance is ``ulps`` units in the last place of ``max|expected|`` of the tensor (16 ulp: 3.6e-15 of the
+    scale in float64, far below any change of the algorithm, which moves results by 1e-4 and more)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape,
+                                                                            expected.dtype, expected.shape)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    atol = ulps * torch.finfo(expected.dtype).eps * max(scale, torch.finfo(expected.dtype).tiny)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
