@@ -689,10 +689,15 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_study(study: Study, cache_dir: Path, workers: int, max_runs: int | None = None, log=_log) -> dict:
+def run_study(study: Study, cache_dir: Path, workers: int, max_runs: int | None = None, log=_log,
+              spec_of=None) -> dict:
     """Run every missing run of the study (stage by stage) on ``workers`` processes; returns counts.
 
-    ``max_runs`` stops scheduling after that many new runs (the rest is left for the next invocation)."""
+    ``max_runs`` stops scheduling after that many new runs (the rest is left for the next invocation).
+    ``study`` is anything with ``plan(cache) -> (ready jobs, _)``, ``calibrate(cache)``, ``data_dir`` and
+    ``data_id`` (``benchmarks/correction.py`` runs its own design on this runner); ``spec_of(job)`` is the
+    description stored with each result (default: the study's cell, factor and seed)."""
+    spec_of = spec_of or _spec
     clean_leftovers(cache_dir)
     cache = load_cache(cache_dir, warn=log)
     study.plan(cache)
@@ -715,7 +720,7 @@ def run_study(study: Study, cache_dir: Path, workers: int, max_runs: int | None 
             ready = [j for j in ready if j.key not in running and j.key not in failures]
             while ready and len(running) < workers and (max_runs is None or started < max_runs):
                 j = ready.pop(0)
-                fut = pool.submit(run_job, j.key, j.kwargs, study.data_dir, _spec(j), study.data_id)
+                fut = pool.submit(run_job, j.key, j.kwargs, study.data_dir, spec_of(j), study.data_id)
                 running[j.key] = (fut, j, time.perf_counter())
                 started += 1
             if not running:
