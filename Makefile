@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m mars_ref.train --overwrite
+	$(PY) -m mars_ref.gpt.train --overwrite
 
 notebooks: install
 	$(PY) scripts/run_notebooks.py

@@ -39,7 +39,7 @@ Design, fixed before any run of it
   tokens is the one at batch 32 (β2' = β2^(B/32), as Marek et al. 2025 hold it), at the lr chosen with the
   default β2, seeds 1–5.
 
-Every run is ``mars_ref.train`` as the study runs it (``study.run_job``: one torch thread, float32, the readable
+Every run is ``mars_ref.gpt.train`` as the study runs it (``study.run_job``: one torch thread, float32, the readable
 step) and is cached under the SHA-256 of its fully resolved config in ``benchmarks/results/correction/``; runs that
 the study already made (same config, same key) are read from ``benchmarks/results/study/``. A kill loses only the
 runs in flight; the same command goes on.

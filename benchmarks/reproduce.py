@@ -5,10 +5,11 @@
     python benchmarks/reproduce.py --from-results benchmarks/results/reproduce_quick.json   # table + plot only
 
 Protocol, the same for every optimizer (AdamW, Lion, Muon, MARS-AdamW approx, MARS-AdamW exact, MARS-Lion,
-MARS-Shampoo), each trained in-process by ``mars_ref.train.train`` on character-level ``shakespeare``:
+MARS-Shampoo), each trained in-process by ``mars_ref.gpt.train.train`` on character-level ``shakespeare``:
 
 1. **Tune**: seed 0, a fixed token budget (``max_iters`` steps of the preset's batch), the learning rate of
-   the ``mars_ref.train`` CPU recipe (pinned in ``BASE_LR``) times each factor of a small grid (quick ×{1/3, 1, 3}; full
+   the ``mars_ref.gpt.train`` CPU recipe (pinned in ``BASE_LR``) times each factor of a small grid
+   (quick ×{1/3, 1, 3}; full
    ×{1/4, 1/2, 1, 2, 4}). One knob per optimizer: the factor scales ``lr``, ``min_lr`` and ``lr_1d``
    (the AdamW fallback of MARS and Muon) together; every other setting is the recipe's.
 2. **Seeds**: the factor with the lowest final validation loss on seed 0 is run again with seeds 1 and 2
@@ -18,7 +19,7 @@ MARS-Shampoo), each trained in-process by ``mars_ref.train.train`` on character-
    schedule over ``max_iters // 2`` steps, best factor of step 1, not re-tuned, 3 seeds), which uses the
    same number of gradient evaluations as everyone else's full runs.
 
-The seed sets both the initial weights and the data order (``mars_ref.train`` draws batches from
+The seed sets both the initial weights and the data order (``mars_ref.gpt.train`` draws batches from
 ``(seed, step)``). Validation loss is the mean over the same ``eval_iters`` validation micro-batches at
 every evaluation, so curves of different runs are measured on identical data.
 
@@ -54,7 +55,7 @@ if str(ROOT / "benchmarks") not in sys.path:  # for study.py's interval, however
 
 from study import interval, write_atomic  # noqa: E402  one definition of each for both benchmark scripts
 
-# (key, label in tables, mars_ref.train optimizer, exact)
+# (key, label in tables, mars_ref.gpt.train optimizer, exact)
 OPTIMIZERS = [
     ("adamw", "AdamW", "adamw", False),
     ("lion", "Lion", "lion", False),
@@ -69,7 +70,7 @@ HALF_KEY = "mars-adamw-exact-half"
 LABELS[HALF_KEY] = "MARS-AdamW (exact), ½ steps"
 EXACT_KEY = "mars-adamw-exact"
 
-# Centre of each lr grid: (lr, lr_1d, min_lr), the mars_ref.train CPU recipe (``OPTIM_RECIPES["cpu-tiny"]``),
+# Centre of each lr grid: (lr, lr_1d, min_lr), the mars_ref.gpt.train CPU recipe (``OPTIM_RECIPES["cpu-tiny"]``),
 # pinned here so that a later recipe change does not move the grid. Every other setting (betas, weight decay, γ,
 # clipping) is the recipe's.
 BASE_LR = {
@@ -99,7 +100,7 @@ MODES = {
 def run_one(key: str, factor: float, seed: int, settings: dict, runs_dir: Path, phase: str,
             max_iters: int | None = None) -> dict:
     """Train one run in-process and return its record (validation curve, final loss, seconds)."""
-    from mars_ref.train import TrainConfig, TrainingError, train
+    from mars_ref.gpt.train import TrainConfig, TrainingError, train
 
     _, _, optimizer, exact = next(o for o in OPTIMIZERS if o[0] == (EXACT_KEY if key == HALF_KEY else key))
     steps = max_iters or settings["max_iters"]

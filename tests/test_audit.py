@@ -1,4 +1,4 @@
-"""The audit of other MARS implementations (``python -m mars_ref.audit``, ``docs/algorithm.md`` §12).
+"""The audit of other MARS implementations (``python benchmarks/audit.py``, ``docs/algorithm.md`` §12).
 
 Three kinds of test:
 
@@ -17,14 +17,18 @@ import importlib.util
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
-from mars_ref import audit, chain, pieces
-from mars_ref.audit import Chain, Hyper
+from mars_ref import chain, pieces
 from mars_ref.optimizer import MARS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import audit  # noqa: E402
+from audit import Chain, Hyper  # noqa: E402
 
 H = Hyper()
 

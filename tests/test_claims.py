@@ -1,8 +1,8 @@
-"""mars_ref.claims.check: the printed verdicts notebooks end their result cells with."""
+"""mars_ref.course.claims.check: the printed verdicts notebooks end their result cells with."""
 
 import pytest
 
-from mars_ref import claims
+from mars_ref.course import claims
 
 
 def test_prints_every_claim_and_passes_when_all_hold(capsys):

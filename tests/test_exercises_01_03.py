@@ -1,16 +1,16 @@
-"""The toy problems of mars_ref.toys and the exercise solutions of notebooks 01–03."""
+"""The toy problems of mars_ref.course.toys and the exercise solutions of notebooks 01–03."""
 
 
 import pytest
 import torch
 from helpers import load_solution
 
-from mars_ref import toys
+from mars_ref.course import toys
 
 nb01 = load_solution("nb01")
 
 
-# --------------------------------------------------------------------------- mars_ref.toys
+# --------------------------------------------------------------------------- mars_ref.course.toys
 
 
 @pytest.mark.parametrize("shape", [(), (3,)])

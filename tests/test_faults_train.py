@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mars_ref import train as T
+from mars_ref.gpt import train as T
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_injection.py"
 spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)

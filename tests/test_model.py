@@ -1,11 +1,11 @@
-"""The GPT-2 of mars_ref.model: size, gradients, causality, tied weights, initialisation, sampling."""
+"""The GPT-2 of mars_ref.gpt.model: size, gradients, causality, tied weights, initialisation, sampling."""
 
 import math
 
 import pytest
 import torch
 
-from mars_ref.model import GPT, GPTConfig, preset
+from mars_ref.gpt.model import GPT, GPTConfig, preset
 
 
 def expected_params(c: GPTConfig) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from mars_ref import exercises
+from mars_ref.course import exercises
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
@@ -59,7 +59,7 @@ def test_references_and_shared_style(src):
     text = src.read_text()
     assert "# ## References" in text and "arxiv.org/abs/2411.10438" in text, f"{src.name}: no references"
     assert "style.use()" in text, f"{src.name} does not use the shared plotting style"
-    assert "plt.rcParams.update" not in text and "tight_layout" not in text, "one style: mars_ref.style only"
+    assert "plt.rcParams.update" not in text and "tight_layout" not in text, "one style: mars_ref.course.style only"
     assert "fontsize=8" not in text, "legends and labels of 8 pt are unreadable on a slide"
     shows = text.count("plt.show()")
     saves = text.count("style.save(")

@@ -1,7 +1,7 @@
-"""The plot command (mars_ref.plot) on runs it cannot draw: a non-zero exit and a message naming the
+"""The plot command (mars_ref.gpt.plot) on runs it cannot draw: a non-zero exit and a message naming the
 run and what is missing, never a blank image; an existing image replaced only by a complete one.
 
-Run directories are written by hand (config.json, metrics.jsonl as mars_ref.train writes them):
+Run directories are written by hand (config.json, metrics.jsonl as mars_ref.gpt.train writes them):
 no training needed.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mars_ref import plot
+from mars_ref.gpt import plot
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -67,13 +67,13 @@ CANNOT = [
      "{m} is not UTF-8 text (byte 10): the file is damaged"),
     ("missing directory", lambda d: None,
      "run directory {d} does not exist (metrics.jsonl not found): give a directory written by python -m "
-     "mars_ref.train (its --out-dir)"),
+     "mars_ref.gpt.train (its --out-dir)"),
     ("a file", lambda d: d.write_text("x"),
      "{d} is a file, not a run directory (metrics.jsonl not found): give a directory written by python -m "
-     "mars_ref.train (its --out-dir)"),
+     "mars_ref.gpt.train (its --out-dir)"),
     ("no metrics.jsonl", lambda d: d.mkdir(),
-     "{m} not found: is {d} a mars_ref.train run directory? (give a directory written by python -m mars_ref.train "
-     "(its --out-dir))"),
+     "{m} not found: is {d} a mars_ref.gpt.train run directory? (give a directory written by python -m "
+     "mars_ref.gpt.train (its --out-dir))"),
 ]
 
 
@@ -152,7 +152,7 @@ def test_damaged_lines_and_config_are_noted_but_drawn(tmp_path, capsys):
 
 def test_the_command_exits_non_zero(tmp_path):
     run = make_run(tmp_path / "run", [float("nan")] * 2)
-    result = subprocess.run([sys.executable, "-m", "mars_ref.plot", str(run), "--out", str(tmp_path / "p.png")],
+    result = subprocess.run([sys.executable, "-m", "mars_ref.gpt.plot", str(run), "--out", str(tmp_path / "p.png")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"error: {run / 'metrics.jsonl'}: all 2 validation losses are NaN, infinite or missing "

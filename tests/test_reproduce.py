@@ -1,5 +1,5 @@
 """benchmarks/reproduce.py: the table and figure from a hand-made results file (no training), and one
-few-step run through mars_ref.train."""
+few-step run through mars_ref.gpt.train."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_best_factor_ignores_diverged_runs(results):
 
 def tiny_settings(tmp_path: Path) -> dict:
     """A 1 × 16 model on a made-up 3,200-word corpus, 3 steps: the whole protocol in seconds."""
-    from mars_ref import data
+    from mars_ref.gpt import data
 
     words = "to be or not that is the question whether tis nobler in the mind".split()
     rng = np.random.default_rng(0)
@@ -133,7 +133,7 @@ def tiny_settings(tmp_path: Path) -> dict:
 
 
 def test_run_one_trains_a_few_steps(tmp_path):
-    """Three steps of exact MARS on a tiny data set through mars_ref.train: the record the table needs."""
+    """Three steps of exact MARS on a tiny data set through mars_ref.gpt.train: the record the table needs."""
     import torch
 
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ N_CELLS = 8  # t1-b4 (AdamW, MARS), t2-b4 (×2), t1-b2 (×2), γ = 0, exact at e
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from mars_ref import data
+    from mars_ref.gpt import data
 
     tmp = tmp_path_factory.mktemp("study_data")
     words = "to be or not that is the question whether tis nobler in the mind".split()

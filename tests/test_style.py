@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from mars_ref import style  # noqa: E402
+from mars_ref.course import style  # noqa: E402
 
 
 def test_style_is_readable_on_a_slide():

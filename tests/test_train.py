@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from mars_ref import data
-from mars_ref.train import OPTIMIZERS, load_checkpoint, load_model, main, parse_args, read_metrics, train
+from mars_ref.gpt import data
+from mars_ref.gpt.train import OPTIMIZERS, load_checkpoint, load_model, main, parse_args, read_metrics, train
 
 TINY = ["--preset", "cpu-mini", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
         "--batch-size", "8", "--eval-iters", "2", "--sample-tokens", "0", "--warmup-iters", "5",
@@ -41,7 +41,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """A ~60 kB character-level data set written through mars_ref.data.prepare."""
+    """A ~60 kB character-level data set written through mars_ref.gpt.data.prepare."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     words = ("to be or not that is the question whether tis nobler in mind suffer slings arrows of "
@@ -129,7 +129,7 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
     run(flags(data_dir, reference, *common))
 
     killed = tmp_path / "killed"
-    proc = cli("-m", "mars_ref.train", *flags(data_dir, killed, *common))
+    proc = cli("-m", "mars_ref.gpt.train", *flags(data_dir, killed, *common))
     deadline = time.time() + 120
     while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -139,7 +139,7 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
     step_at_kill = load_checkpoint(killed / "ckpt.pt")["step"]
     assert 0 < step_at_kill < 60
 
-    resumed = cli("-m", "mars_ref.train", *flags(data_dir, killed, "--resume"))
+    resumed = cli("-m", "mars_ref.gpt.train", *flags(data_dir, killed, "--resume"))
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert losses(killed) == losses(reference)  # bit-identical, every step
@@ -226,7 +226,7 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path, exact):
     run(flags(data_dir, single, *common))
     ddp = tmp_path / "ddp"
     proc = cli("-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", "-m", "mars_ref.train", *flags(data_dir, ddp, *common))
+               f"--master-port={free_port()}", "-m", "mars_ref.gpt.train", *flags(data_dir, ddp, *common))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     a, b = losses(single), losses(ddp)
@@ -239,7 +239,7 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path, exact):
 
 
 def test_plot_writes_a_png(short_run, data_dir, tmp_path):
-    from mars_ref import plot
+    from mars_ref.gpt import plot
 
     other = tmp_path / "adamw"
     run(flags(data_dir, other, "--optimizer", "adamw", "--max-iters", 10, "--eval-interval", 5,
@@ -253,7 +253,7 @@ def test_plot_writes_a_png(short_run, data_dir, tmp_path):
 def test_default_config_is_the_cpu_demo():
     cfg, given = parse_args([])
     assert given == {} and cfg.preset == "cpu-tiny" and cfg.optimizer == "mars-adamw"
-    from mars_ref.train import resolve
+    from mars_ref.gpt.train import resolve
 
     full = resolve(cfg)
     assert (full.n_layer, full.n_embd, full.dataset, full.device) == (4, 128, "shakespeare", "auto")
@@ -275,8 +275,8 @@ def test_variance_probe_recomputes_the_optimizers_momentum(kind):
     import torch
 
     from mars_ref import MARS, Muon
-    from mars_ref.model import GPT, GPTConfig
-    from mars_ref.variance import VarianceProbe
+    from mars_ref.course.variance import VarianceProbe
+    from mars_ref.gpt.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=7, n_layer=1, n_head=2, n_embd=8, bias=True))
@@ -340,7 +340,7 @@ def test_mars_under_ddp_bucket_views_matches_plain_training(tmp_path):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from mars_ref import MARS
-    from mars_ref.model import GPT, GPTConfig
+    from mars_ref.gpt.model import GPT, GPTConfig
 
     x = torch.randint(0, 7, (4, 8), generator=torch.Generator().manual_seed(0))
 
@@ -372,7 +372,7 @@ def test_mars_under_ddp_bucket_views_matches_plain_training(tmp_path):
 
 
 def test_plot_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
-    from mars_ref import plot
+    from mars_ref.gpt import plot
 
     assert plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "p.png")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
@@ -412,7 +412,7 @@ def test_resume_refuses_settings_that_define_the_run(data_dir, tmp_path, capsys)
 
 
 def test_resume_from_a_checkpoint_of_another_model_is_a_clear_error(data_dir, tmp_path, capsys):
-    from mars_ref.train import save_checkpoint
+    from mars_ref.gpt.train import save_checkpoint
 
     run(flags(data_dir, tmp_path, "--max-iters", 2, "--eval-interval", 0))
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
@@ -440,7 +440,7 @@ def test_a_new_run_does_not_replace_an_earlier_one_unless_overwrite(data_dir, tm
 def test_checkpoint_checksum_and_the_old_format(data_dir, tmp_path, capsys):
     """A changed byte is refused; a format 1 checkpoint (no checksum) loads with a note and resumes on the same
     trajectory."""
-    from mars_ref.train import CheckpointError
+    from mars_ref.gpt.train import CheckpointError
 
     common = ["--max-iters", 8, "--eval-interval", 4, "--log-interval", 1, "--ckpt-interval", 4]
     run(flags(data_dir, tmp_path / "reference", *common))
@@ -453,14 +453,14 @@ def test_checkpoint_checksum_and_the_old_format(data_dir, tmp_path, capsys):
         load_checkpoint(path)
     path.write_bytes(good)
     state = load_checkpoint(path)
-    state["format"] = "mars_ref.train/1"
+    state["format"] = "mars_ref.gpt.train/1"
     del state["data"]["corpus"]
     torch.save(state, path)  # as the code before checksums wrote it
     assert load_checkpoint(path)["step"] == 4
     assert "written before checkpoints carried a checksum: read without verifying it" in capsys.readouterr().err
     assert main(flags(data_dir, old, "--resume", "--max-iters", 8)) == 0
     assert losses(old) == losses(tmp_path / "reference")
-    assert load_checkpoint(old / "ckpt.pt")["format"] == "mars_ref.train/2"
+    assert load_checkpoint(old / "ckpt.pt")["format"] == "mars_ref.gpt.train/2"
 
 
 def test_max_iters_zero_trains_nothing(data_dir, tmp_path):
@@ -472,7 +472,7 @@ def test_max_iters_zero_trains_nothing(data_dir, tmp_path):
 def nan_at(monkeypatch, step: int, what: str) -> None:
     """From step ``step`` (1-based) on: a non-finite training loss ("loss"), weights ("weights") after the update,
     or an infinite gradient ("grad", which MARS refuses)."""
-    from mars_ref import train as T
+    from mars_ref.gpt import train as T
 
     real_closure, real_step = T.closure, T.train_step
 
@@ -517,7 +517,7 @@ def test_a_run_that_goes_non_finite_fails_and_keeps_its_last_good_checkpoint(dat
 
 
 def test_validation_loss_that_is_not_finite_fails(data_dir, tmp_path, capsys, monkeypatch):
-    from mars_ref import train as T
+    from mars_ref.gpt import train as T
 
     monkeypatch.setattr(T, "evaluate", lambda run: float("nan") if run.step > 0 else 4.0)
     assert main(flags(data_dir, tmp_path, "--max-iters", 4, "--eval-interval", 2, "--ckpt-interval", 1)) == 1
@@ -533,7 +533,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_at_once(da
     """In this process, deterministically: signals sent during step 5. One: step 5 finishes, is checkpointed, exit
     128 + the signal. Two: stop at once, the checkpoint of step 4 kept. (The subprocess version, Ctrl-C at a
     random moment, is in tests/test_faults_train.py.)"""
-    from mars_ref import train as T
+    from mars_ref.gpt import train as T
 
     real_step = T.train_step
 

@@ -17,7 +17,7 @@
 # Variance reduction (STORM, MARS) is about one thing: the stochastic gradient
 # $g_t = \nabla f(x_t, \xi_t)$ is a noisy estimate of the full gradient $\nabla F(x_t)$, with
 # $F(x) = \mathbb{E}_\xi f(x, \xi)$. To *see* what the noise does we need problems where $\nabla F$ is
-# known exactly and the noise size is a knob. This notebook builds two (they live in `mars_ref/toys.py`,
+# known exactly and the noise size is a knob. This notebook builds two (they live in `mars_ref/course/toys.py`,
 # and the later notebooks import the same definitions):
 #
 # 1. a **finite sum** $F(x) = \frac1N\sum_{i=1}^N f_i(x)$: a small tanh network fitted to a noisy
@@ -55,8 +55,8 @@ print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__fi
 import matplotlib.pyplot as plt
 import torch
 
-from mars_ref import style, toys
-from mars_ref.exercises import check
+from mars_ref.course import claims, style, toys
+from mars_ref.course.exercises import check
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and robust on a shared machine
 torch.manual_seed(0)
@@ -176,7 +176,7 @@ print(f"eta sigma^2 / 2 at sigma = 3: {ETA * 9 / 2:.3f}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "sigma = 0: both methods end below 1e-3, still falling":
         all(level[0.0, m][1] < min(1e-3, level[0.0, m][0]) for m in ("sgd", "momentum")),
     "sigma = 3: both stay within a factor 1.5 of eta sigma^2 / 2 over the last third":
@@ -296,7 +296,7 @@ print("||grad F||^2 ratio B=2 / B=32: " + ", ".join(f"{v:.0f} at step {t}" for t
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "no run diverges": not any(r.diverged.any().item() for r in fs.values()),
     "at every checkpoint, the smaller the batch the larger ||grad F||^2":
         all(window(fs[2], "grad_sq", t) > window(fs[8], "grad_sq", t) > window(fs[32], "grad_sq", t)

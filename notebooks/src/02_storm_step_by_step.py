@@ -56,8 +56,8 @@ print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__fi
 import matplotlib.pyplot as plt
 import torch
 
-from mars_ref import style, toys
-from mars_ref.exercises import check
+from mars_ref.course import style, toys
+from mars_ref.course.exercises import check
 from mars_ref.pieces import momentum, storm_correction, storm_estimator
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and robust on a shared machine

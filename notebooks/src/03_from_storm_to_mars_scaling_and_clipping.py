@@ -20,7 +20,7 @@
 #   c_t \leftarrow c_t\,\min\!\Big(1, \frac{\tau}{\|c_t\|}\Big), \qquad
 #   m_t = \beta_1 m_{t-1} + (1-\beta_1)\,c_t .$$
 #
-# This notebook measures three things on the toys of notebook 01 (`mars_ref.toys`), always through
+# This notebook measures three things on the toys of notebook 01 (`mars_ref.course.toys`), always through
 # the library's own pieces (`storm_correction`, `clip_by_norm`, `clip_by_global_norm`) and optimizer:
 #
 # 1. how large the scale $\gamma\beta_1/(1-\beta_1)$ is, and how large the correction $c_t - g_t$ gets;
@@ -60,8 +60,8 @@ print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__fi
 import matplotlib.pyplot as plt
 import torch
 
-from mars_ref import style, toys
-from mars_ref.exercises import check
+from mars_ref.course import claims, style, toys
+from mars_ref.course.exercises import check
 from mars_ref.pieces import storm_correction
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and robust on a shared machine
@@ -149,7 +149,7 @@ for (mode, gamma, eta), r in corr_runs.items():
 n_div = {eta: corr_runs["exact", 1.0, eta].diverged.sum().item() for eta in (0.1, 0.2, 0.4)}
 early = {mode_gamma: corr_runs[(*mode_gamma, 0.1)].corr[:20].nanmedian() for mode_gamma in (("approx", 0.3),
                                                                                           ("exact", 1.0))}
-mars_ref.claims.check({
+claims.check({
     "exact, gamma = 1, eta = 0.1: no seed diverges": n_div[0.1] == 0,
     "exact, gamma = 1, eta = 0.4: at least 1/8 of the seeds diverge": n_div[0.4] >= SEEDS // 8,
     "approx, gamma = 0.3, eta = 0.1: no seed diverges (large noisy corrections, no loop)":
@@ -231,7 +231,7 @@ for (mode, gamma, eta, clip), r in clip_runs.items():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "exact, gamma = 1, eta = 0.4, clipped (tensor, global): no seed diverges":
         all(summary["exact", 1.0, 0.4, clip][0] == 0 for clip in ("tensor", "global")),
     "exact, gamma = 1, eta = 0.2, clipped (tensor, global): every seed ends below F = 0.2":

@@ -52,8 +52,8 @@ print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__fi
 import matplotlib.pyplot as plt
 import torch
 
-from mars_ref import style, toys
-from mars_ref.exercises import check
+from mars_ref.course import claims, style, toys
+from mars_ref.course.exercises import check
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and robust on a shared machine
 torch.manual_seed(0)
@@ -136,7 +136,7 @@ plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "exact STORM's variance ratio to SGD is within 15 % of a / (eta h + a) in both directions":
         bool(((measured / predicted - 1).abs() < 0.15).all()),
     "stiff direction: exact STORM's variance is under 0.15x SGD's; flat direction: over 0.8x":
@@ -299,7 +299,7 @@ print("equal steps, lowest mean F: " + ", ".join(f"{n} {v:.3e}" for n, v in step
 # NBVAL_CHECK_OUTPUT
 best_F = {name: grid[name, best[name]]["evals"][0].mean().item() for name in METHODS}
 best_G = {name: grid[name, best[name]]["evals"][1].mean().item() for name in METHODS}
-mars_ref.claims.check({
+claims.check({
     "the start is noise-dominated: tr Sigma / B over 100x ||grad F||^2": noise > 100 * signal,
     "equal evaluations: exact STORM's best loss is below every other method's best":
         all(best_F["exact STORM"] < best_F[n] for n in others),
@@ -360,7 +360,7 @@ print("eta = 0.4, diverged seeds: " + ", ".join(f"{n} {grid[n, 0.4]['diverged']}
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "random start: SGD's best loss is below exact STORM's at equal evaluations":
         cold_best["SGD"] < cold_best["exact STORM"],
     "approx MARS's best loss is within 5 % of momentum's": abs(best_F["MARS approx"] / best_F["momentum"] - 1) < 0.05,
@@ -550,7 +550,7 @@ for g in study["gamma"]:
 mars_gaps = [e["gap"] for es in study["tpp_gaps"].values() for e in es] + [e["gap"] for e in study["batch_gaps"]]
 by_batch = {e["batch"]: e["gap"]["mean"] for e in study["batch_gaps"]}
 s_gaps = [e["gap"]["mean"] for e in study["tpp_gaps"]["S"]]
-mars_ref.claims.check({
+claims.check({
     "the study is complete: every cell done": study["cells_done"] == study["cells"],
     "approx MARS-AdamW's final loss is below AdamW's with 95% confidence at no point":
         all(g["hi"] >= 0 for g in mars_gaps),
@@ -595,8 +595,8 @@ mars_ref.claims.check({
 # the study's $M$ at 20 tokens per parameter, which trained about as long.
 
 # %%
-from mars_ref.model import GPT, preset
-from mars_ref.train import TRAIN_PRESETS
+from mars_ref.gpt.model import GPT, preset
+from mars_ref.gpt.train import TRAIN_PRESETS
 
 reproduce_spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
 reproduce = importlib.util.module_from_spec(reproduce_spec)
@@ -618,7 +618,7 @@ print("full reproduction, per seed: " + ", ".join(f"{d:+.3f}" for d in full_gap[
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "the full reproduction has fewer tokens per parameter than every point of the study (under 10)":
         tokens / tiny < 10 and tokens / tiny < min(e["tokens_per_param"] for es in study["tpp_gaps"].values()
                                                    for e in es),

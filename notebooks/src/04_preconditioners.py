@@ -54,8 +54,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from mars_ref import style
-from mars_ref.exercises import check
+from mars_ref.course import claims, style
+from mars_ref.course.exercises import check
 from mars_ref.pieces import (
     adamw_direction,
     lion_direction,
@@ -121,7 +121,7 @@ scale_gap = (u_small - u_large).abs().max().item()
 sign_gap = (u_small[0] - torch.sign(stream[0])).abs()
 print(f"gradients of size ~1e-3 vs the same times 1000: largest change of u_t over 50 steps {scale_gap:.1e}")
 print(f"step 1: largest |u_1 - sign(c_1)| = {sign_gap.max().item():.1e} (= eps / (|c| + eps) for the smallest |c|)")
-mars_ref.claims.check({
+claims.check({
     "multiplying every gradient by 1000 changes u_t by under 1e-4": scale_gap < 1e-4,
     "u_1 = sign(c_1) up to eps / |c_1| in every coordinate": bool((sign_gap <= EPS / stream[0].abs() + 1e-15).all()),
 })
@@ -412,7 +412,7 @@ for name, lad in all_ladders.items():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "T = 1: full Shampoo is U V^T to 1e-6 on the random matrices":
         all(lad["full->one-step"][0] < 1e-6 for name, lad in all_ladders.items() if name.startswith("random")),
     "T = 1: within 0.1 on every matrix": all(lad["full->one-step"][0] < 0.1 for lad in all_ladders.values()),
@@ -525,7 +525,7 @@ for name, (gap, moved) in {"MARS-AdamW vs torch.optim.AdamW": gap_adamw,
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "gamma = 0: MARS-AdamW, MARS-Lion, MARS-Shampoo equal their base optimizers to 1e-12":
         max(gap_adamw[0], gap_lion[0], gap_shampoo[0]) < 1e-12,
     "and the parameters did move (by over 0.01)": min(gap_adamw[1], gap_lion[1], gap_shampoo[1]) > 1e-2,

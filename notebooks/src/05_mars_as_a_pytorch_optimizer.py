@@ -66,8 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mars_ref import style
-from mars_ref.exercises import check
+from mars_ref.course import claims, style
+from mars_ref.course.exercises import check
 
 torch.set_num_threads(1)  # tiny model: one thread is fastest, and deterministic
 style.use()
@@ -302,7 +302,7 @@ print(f"MARS-M minus Muon (its base), paired by seed: {d_m.mean().item():+.3f} Â
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "every optimizer learns: every seed ends below loss 1.4 (from 2.3)": all((f < 1.4).all() for f in final.values()),
     "AdamW, Lion, Muon and MARS approx end within 0.05 of each other in mean final loss (MARS approx's gap to the"
     " lowest included): this task cannot tell them apart": gap < 0.05 and spread4 < 0.05,
@@ -358,7 +358,7 @@ print(f"learning-rate factor at step {half_end}: half-steps run {cosine(STEPS //
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "equal gradient evaluations: exact (half the steps) ends above approx on every seed":
         all(d > 0 for d in same_evals),
     "equal steps: exact and approx differ by under 0.02 on average (no gain beyond the seed spread)":
@@ -399,7 +399,7 @@ print(f"MARS exact - MARS gamma = 0 (means): {exact_vs_zero:+.3f}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "the correction (gamma = 0.025 vs 0, approx) moves the mean final loss by under 0.03":
         abs(sum(ablation) / len(ablation)) < 0.03,
     "exact MARS ends within 0.02 of MARS with gamma = 0 (mean final loss)": abs(exact_vs_zero) < 0.02,
@@ -476,7 +476,7 @@ print(f"exact, median over the first 100 steps {early['exact']:.3f}, over the la
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "approx's correction is over 5x exact's (median over the run): mostly minibatch noise":
         med["approx"] > 5 * med["exact"],
     "exact's correction is under 10 % of the gradient (median) and shrinks as the learning rate decays":

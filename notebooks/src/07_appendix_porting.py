@@ -55,7 +55,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from mars_ref import style
+from mars_ref.course import claims, style
 from mars_ref.pieces import adamw_direction, momentum, second_moment
 
 ROOT = Path(mars_ref.__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ for name, (curve, params) in impl_runs.items():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "the readable run learns (final val loss under half the first recorded one)":
         reference_curve[-1] < 0.5 * reference_curve[0],
     **{f"the {name} step follows the readable step's validation curve to 1e-4": max(
@@ -244,7 +244,7 @@ mars_ref.claims.check({
 # %% [markdown]
 # ## 3. Other implementations, audited against `mars_ref`
 #
-# `python -m mars_ref.audit` (its packages: `pip install -e .[audit]`) runs timm's, pytorch-optimizer's
+# `python benchmarks/audit.py` (its packages: `pip install -e .[audit]`) runs timm's, pytorch-optimizer's
 # and HeavyBall's MARS beside `mars_ref.MARS` on one small network with the same 100 gradients, in
 # float64, and establishes each link of the chain (the correction coefficient, the first step, the
 # clip, `g_prev`, which tensors take MARS, ε, …) with an experiment of its own; the authors' unreleased
@@ -284,7 +284,7 @@ for name, row in audit.items():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-mars_ref.claims.check({
+claims.check({
     "timm and pytorch-optimizer are MARS with documented choices: under 1e-5 once those are configured away":
         all(audit[n]["residual"][-1] < 1e-5 for n in audit if n.startswith(("timm", "pytorch-optimizer"))),
     "HeavyBall differs in a link no option maps (its correction coefficient): over 0.1 is left":

@@ -1,6 +1,6 @@
-"""Plot training runs:  ``python -m mars_ref.plot RUN_DIR [RUN_DIR ...] [--out runs.png]``.
+"""Plot training runs:  ``python -m mars_ref.gpt.plot RUN_DIR [RUN_DIR ...] [--out runs.png]``.
 
-Reads each run's ``config.json`` and ``metrics.jsonl`` (written by ``mars_ref.train``) and
+Reads each run's ``config.json`` and ``metrics.jsonl`` (written by ``mars_ref.gpt.train``) and
 draws, runs overlaid, labelled by optimizer (and exact/approx, learning rate):
 
 1. validation loss against training tokens;
@@ -10,7 +10,7 @@ draws, runs overlaid, labelled by optimizer (and exact/approx, learning rate):
    momentum ``m`` and (MARS) of the corrected, clipped gradient ``c``, log scale;
 4. and the scale-free version, ``1 − cos(estimate, ∇F)``, log scale.
 
-See ``mars_ref.variance`` for exactly what each curve measures.
+See ``mars_ref.course.variance`` for exactly what each curve measures.
 
 A run that cannot be drawn (missing, no records, no evaluation, every validation loss NaN or
 infinite) or an ``--out`` that cannot be written is an error: exit status 2, the reason on
@@ -49,13 +49,13 @@ def load_run(run_dir: str | Path) -> tuple[str, list[dict]]:
     """
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
-    hint = "give a directory written by python -m mars_ref.train (its --out-dir)"
+    hint = "give a directory written by python -m mars_ref.gpt.train (its --out-dir)"
     if not run_dir.exists():
         raise FileNotFoundError(f"run directory {run_dir} does not exist (metrics.jsonl not found): {hint}")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is a file, not a run directory (metrics.jsonl not found): {hint}")
     if not metrics.is_file():
-        raise FileNotFoundError(f"{metrics} not found: is {run_dir} a mars_ref.train run directory? ({hint})")
+        raise FileNotFoundError(f"{metrics} not found: is {run_dir} a mars_ref.gpt.train run directory? ({hint})")
     try:
         lines = metrics.read_bytes().decode("utf-8").splitlines()
     except OSError as e:
@@ -210,7 +210,7 @@ def _save(fig, out: Path, fmt: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 when the image is written, 2 (with the reason on stderr) when nothing is written."""
-    parser = argparse.ArgumentParser(prog="python -m mars_ref.plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mars_ref.gpt.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", default="runs.png", help="PNG file to write (default: runs.png)")
     args = parser.parse_args(argv)

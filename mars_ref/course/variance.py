@@ -58,8 +58,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import chain
-from .pieces import momentum
+from .. import chain
+from ..pieces import momentum
 
 
 class VarianceProbe:

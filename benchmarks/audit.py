@@ -1,4 +1,4 @@
-r"""Audit other MARS implementations against mars_ref:  ``python -m mars_ref.audit [--out DIR]``.
+r"""Audit other MARS implementations against mars_ref:  ``python benchmarks/audit.py [--out DIR]``.
 
 For every implementation it can import (timm's ``Mars``, pytorch-optimizer's ``MARS`` on both of its
 code paths, HeavyBall's ``AdamW(mars=True)``; ``pip install -e .[audit]`` installs the pinned versions),
@@ -50,8 +50,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import chain, pieces
-from .optimizer import MARS
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(1, str(ROOT))
+
+from mars_ref import MARS, chain, pieces  # noqa: E402
 
 DTYPE = torch.float64
 #: two results agree when they differ by less than this, relative to the update (float64 rounding is ~1e-15)
@@ -1075,7 +1078,7 @@ def links_table(results: list[Result]) -> list[str]:
 
 def report(results: list[Result], skipped: list[str], h: Hyper, seconds: float) -> str:
     """The audit as Markdown: what was run, the deviations, the links, and a verdict per implementation."""
-    lines = ["# MARS implementations audited against mars_ref (`python -m mars_ref.audit`)", "",
+    lines = ["# MARS implementations audited against mars_ref (`python benchmarks/audit.py`)", "",
              f"Paper hyperparameters mapped onto each implementation (GPT-2 small recipe): {_hyper_text(h)}. "
              f"Float64 throughout. Model: a small conv net ({', '.join(f'{n} {tuple(s)}' for n, s in MODEL)}), "
              f"{len(results[0].deviation)} steps of gradients on fresh minibatches taken along mars_ref's trajectory; "
@@ -1086,7 +1089,7 @@ def report(results: list[Result], skipped: list[str], h: Hyper, seconds: float) 
               "tensors reused in place (`zero_grad(set_to_none=False)`) on both sides; *choices away*: after "
               "configuring each documented choice away (listed per implementation below); *+ defects compensated*: "
               "after compensating the suspected defect too; *explained by the diagnosis*: the largest deviation "
-              "from the emulation (`mars_ref.audit.Emulation`) of the chain the link experiments diagnosed, 0 "
+              "from the emulation (`audit.Emulation`) of the chain the link experiments diagnosed, 0 "
               "when the diagnosis accounts for everything.", ""]
     lines += ["Links (bold: differs from mars_ref). Each is established by its own experiment; the evidence is "
               "in audit.json and below.", ""] + links_table(results) + [""]
@@ -1162,7 +1165,7 @@ def plot(results: list[Result], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mars_ref.audit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/audit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="also write audit.md, audit.json and audit.png into this folder")
     parser.add_argument("--steps", type=int, default=max(STEPS), help="steps on the model (default %(default)s)")
     parser.add_argument("--no-emulations", action="store_true", help="leave out the emulations of the authors' code")

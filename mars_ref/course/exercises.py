@@ -104,7 +104,7 @@ def _exact_storm_error_additive(answer) -> str:
 
 
 def _gamma_doubling_noise(answer) -> str:
-    from .pieces import correction_scale
+    from ..pieces import correction_scale
 
     for beta1 in (0.9, 0.95, 0.99):
         k = correction_scale(float(answer(beta1)), beta1)
@@ -166,7 +166,7 @@ def _storm_floor_ratio(answer) -> str:
 
 
 def _ns_singular_values(answer) -> str:
-    from .pieces import newton_schulz
+    from ..pieces import newton_schulz
 
     for shape in ((40, 40), (64, 24), (24, 64)):
         gen = torch.Generator().manual_seed(shape[0])
@@ -182,7 +182,7 @@ def _ns_singular_values(answer) -> str:
 
 
 def _damped_one_step_shampoo(answer) -> str:
-    from .pieces import shampoo_direction
+    from ..pieces import shampoo_direction
 
     gen = torch.Generator().manual_seed(7)
     for shape in ((30, 30), (48, 20), (20, 48)):
@@ -199,7 +199,7 @@ def _damped_one_step_shampoo(answer) -> str:
 
 
 def _exact_mars_adamw_by_hand(answer) -> str:
-    from .optimizer import MARS
+    from ..optimizer import MARS
 
     gen = torch.Generator().manual_seed(3)
     W0 = torch.randn(6, 3, generator=gen, dtype=torch.float64)
@@ -238,7 +238,7 @@ def _paired_difference(answer) -> str:
 
 
 def _noise_ratio(answer) -> str:
-    from .pieces import storm_correction
+    from ..pieces import storm_correction
 
     gen = torch.Generator().manual_seed(0)
     for gamma, beta1, held in ((0.025, 0.95, None), (0.1, 0.9, 8), (0.5, 0.5, 1), (0.0, 0.95, 8)):
@@ -254,7 +254,7 @@ def _noise_ratio(answer) -> str:
 
 
 def _momentum_lag(answer) -> str:
-    from .pieces import momentum, storm_correction
+    from ..pieces import momentum, storm_correction
 
     for gamma in (0.0, 0.025, 0.3, 1.0):
         for beta1 in (0.9, 0.95):

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .chain import CLIP_MODES, clip_factors
-from .pieces import momentum, storm_correction, storm_estimator
+from ..chain import CLIP_MODES, clip_factors
+from ..pieces import momentum, storm_correction, storm_estimator
 
 __all__ = ["TwoLayerRegression", "Noisy2D", "Run", "run", "METHODS"]
 

@@ -1,6 +1,6 @@
 """One plotting style for the notebooks: readable on a slide, distinct in colour and in grey, exportable.
 
-    from mars_ref import style
+    from mars_ref.course import style
     style.use()                                   # fonts of 12 pt and more, a colour-blind-safe cycle
     fig, ax = style.figure()                      # a 16:9 figure, the shape of a slide (or style.figure(1, 2))
     ax.plot(x, y, **style.line("SGD"))            # one colour, line style and marker per method, in every notebook

@@ -1,4 +1,4 @@
-"""Train a GPT-2 with MARS or a baseline optimizer:  ``python -m mars_ref.train [--flags]``.
+"""Train a GPT-2 with MARS or a baseline optimizer:  ``python -m mars_ref.gpt.train [--flags]``.
 
 With no flags this trains the ``cpu-tiny`` preset (4 layers × 128, character-level
 Shakespeare, prepared offline on first use) with MARS-AdamW on the CPU for about two
@@ -39,7 +39,7 @@ Safety (``tests/test_faults_train.py``, ``scripts/fault_injection.py``):
   sha256 of the zip (``torch.load`` still reads the file). It is written to ``ckpt.pt.tmp``, synced
   and renamed: a killed run leaves the previous checkpoint or the new one, whole; a full disk leaves
   the previous one and no ``.tmp``. ``load_checkpoint`` checks the sha256 first: a changed byte
-  anywhere is a ``CheckpointError``. Checkpoints of format ``mars_ref.train/1`` (before checksums)
+  anywhere is a ``CheckpointError``. Checkpoints of format ``mars_ref.gpt.train/1`` (before checksums)
   still load, with a note that they could not be verified.
 * ``--resume`` continues the same run: the flags given may change only ``RESUMABLE`` settings (when
   to log, evaluate, checkpoint, sample and stop; where and how fast to compute). Any other setting
@@ -56,10 +56,10 @@ Safety (``tests/test_faults_train.py``, ``scripts/fault_injection.py``):
   gradient refused by MARS (``FloatingPointError``) stop the run with a ``TrainingError`` naming
   the step; no checkpoint is written after the last good one.
 
-Exit status of ``python -m mars_ref.train``: 0 done; 2 the command line or an input cannot be used
-(``ConfigError``, ``CheckpointError``, ``mars_ref.data.DataError``, and argparse's own errors);
+Exit status of ``python -m mars_ref.gpt.train``: 0 done; 2 the command line or an input cannot be used
+(``ConfigError``, ``CheckpointError``, ``mars_ref.gpt.data.DataError``, and argparse's own errors);
 1 the run failed (``TrainingError``; ``OSError``s such as a full or read-only disk,
-``mars_ref.data.StorageError``); 130 / 143 stopped by SIGINT / SIGTERM. Errors are one line
+``mars_ref.gpt.data.StorageError``); 130 / 143 stopped by SIGINT / SIGTERM. Errors are one line
 ``error: ...`` on stderr, without a traceback.
 
 ``train`` (at the end of this file) is the whole run, in order: ``setup_run``, then for each step
@@ -95,17 +95,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from .baselines import Lion, Muon
+from ..baselines import Lion, Muon
+from ..course.variance import VarianceProbe
+from ..optimizer import MARS
 from .data import DataError, StorageError
 from .model import GPT, GPTConfig
 from .model import preset as model_preset
-from .optimizer import MARS
-from .variance import VarianceProbe
 
 OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo", "mars-m")
 STEP_IMPLS = ("readable", "foreach", "fused")  # MARS(foreach=...) / MARS(fused=...)
-CHECKPOINT_FORMAT = "mars_ref.train/2"  # torch.save's zip + CHECKSUM_MAGIC + sha256 of the zip
-LEGACY_FORMATS = ("mars_ref.train/1",)  # no checksum: loaded unverified, with a note
+CHECKPOINT_FORMAT = "mars_ref.gpt.train/2"  # torch.save's zip + CHECKSUM_MAGIC + sha256 of the zip
+LEGACY_FORMATS = ("mars_ref.gpt.train/1",)  # no checksum: loaded unverified, with a note
 CHECKSUM_MAGIC = b"\nMARS_REF_SHA256"  # 16 bytes; then the 32-byte digest ends the file
 TRAILER_BYTES = len(CHECKSUM_MAGIC) + 32
 
@@ -148,7 +148,7 @@ class TrainConfig:
     step_impl: str = field(default="readable", metadata={"help": "how MARS computes its step (same math, same "
         "state): readable, foreach (grouped torch kernels: use on CUDA), fused (one C loop per tensor: use on CPU)"})
     # model
-    model: str | None = field(default=None, metadata={"help": "model preset (mars_ref.model.PRESETS)"})
+    model: str | None = field(default=None, metadata={"help": "model preset (mars_ref.gpt.model.PRESETS)"})
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None
@@ -156,7 +156,7 @@ class TrainConfig:
     dropout: float | None = None
     bias: bool | None = None
     # data
-    dataset: str | None = field(default=None, metadata={"help": "data set name for mars_ref.data.prepare"})
+    dataset: str | None = field(default=None, metadata={"help": "data set name for mars_ref.gpt.data.prepare"})
     data_dir: str = "data"
     batch_size: int | None = field(default=None, metadata={"help": "sequences per micro-batch"})
     grad_accum: int | None = field(default=None, metadata={
@@ -373,7 +373,7 @@ def check_config(cfg: TrainConfig) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag`` per ``TrainConfig`` field (defaults suppressed, so we can
     tell which flags were given)."""
-    parser = argparse.ArgumentParser(prog="python -m mars_ref.train", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m mars_ref.gpt.train", description=__doc__.split("\n\n")[0],
                                      argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -516,9 +516,9 @@ def prepare_data(cfg: TrainConfig, d: Dist) -> tuple[Path, dict]:
             return Path(data.prepare(cfg.dataset, data_dir=cfg.data_dir))
         except DataError:
             raise
-        except ValueError as e:  # a request mars_ref.data cannot serve, e.g. an unknown corpus without a source
+        except ValueError as e:  # a request mars_ref.gpt.data cannot serve, e.g. an unknown corpus without a source
             raise ConfigError(f"--dataset {cfg.dataset!r} (--data-dir {cfg.data_dir}): {e}; a corpus of your own is "
-                              f"prepared first with: python -m mars_ref.data {cfg.dataset} --source PATH "
+                              f"prepared first with: python -m mars_ref.gpt.data {cfg.dataset} --source PATH "
                               f"--data-dir {cfg.data_dir}") from e
 
     if d.master:
