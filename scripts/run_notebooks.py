@@ -13,17 +13,26 @@ environment, so the committed outputs come from the same code CI runs.
 
 ``--figures DIR`` executes the notebooks with ``MARS_REF_FIGURES=DIR``, so that every ``style.save(fig, name)``
 in them writes ``DIR/name.svg`` and ``DIR/name.png`` (150 dpi, 16:9), and leaves the committed notebooks as
-they are. Every notebook's first code cell is :data:`SETUP_CELL`, which makes ``mars_ref`` importable in a
-kernel that does not have it (``tests/test_notebook_sources.py`` checks that they are all the same).
+they are.
+
+The build puts :data:`SETUP_CELL` in front of each notebook's first code cell: written once here, it makes
+``mars_ref`` importable in a kernel that does not have it, so the sources start with their own code.
+
+A cell marker may carry tags, as in jupytext: ``# %% [markdown] tags=["slide"]`` or ``# %% tags=["slide", "notes"]``.
+They go into the cell's ``metadata.tags``. ``slide`` marks a cell for the lecture decks and ``notes`` a cell of speaker
+notes (``scripts/course.py slides``, ``make slides``); both stay ordinary cells in the notebook.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import nbformat
 
@@ -62,36 +71,61 @@ import mars_ref
 print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__file__).parent)}")"""
 
 
-def parse_percent(text: str) -> list[tuple[str, str]]:
-    """Split a percent-format source into (kind, source) cells, kind 'code' or 'markdown'."""
-    cells: list[tuple[str, list[str]]] = []
+class Cell(NamedTuple):
+    kind: str  # "code" or "markdown"
+    source: str
+    tags: tuple[str, ...] = ()
+
+
+TAGS = re.compile(r"\btags=(\[[^\]]*\])")
+
+
+def _marker(line: str) -> tuple[str, tuple[str, ...]]:
+    """The kind and the tags of a ``# %%`` marker line."""
+    kind = "markdown" if "[markdown]" in line else "code"
+    found = TAGS.search(line)
+    tags = tuple(json.loads(found.group(1))) if found else ()
+    if not all(isinstance(tag, str) for tag in tags):
+        raise ValueError(f"tags must be a JSON list of strings: {line!r}")
+    return kind, tags
+
+
+def parse_percent(text: str) -> list[Cell]:
+    """Split a percent-format source into cells: kind 'code' or 'markdown', source, tags."""
+    cells: list[tuple[str, tuple[str, ...], list[str]]] = []
     for line in text.splitlines():
         if line.startswith("# %%"):
-            kind = "markdown" if "[markdown]" in line else "code"
-            cells.append((kind, []))
+            kind, tags = _marker(line)
+            cells.append((kind, tags, []))
             continue
         if not cells:  # a preamble before the first marker is ignored (e.g. a module docstring)
             continue
-        kind, lines = cells[-1]
+        kind, _, lines = cells[-1]
         if kind == "markdown":
             line = line[2:] if line.startswith("# ") else ("" if line == "#" else line)
         lines.append(line)
     out = []
-    for kind, lines in cells:
+    for kind, tags, lines in cells:
         while lines and not lines[-1].strip():
             lines.pop()
         while lines and not lines[0].strip():
             lines.pop(0)
-        out.append((kind, "\n".join(lines)))
+        out.append(Cell(kind, "\n".join(lines), tags))
     return out
 
 
 def build(src: Path) -> nbformat.NotebookNode:
+    """The notebook of a source: its cells, with :data:`SETUP_CELL` in front of the first code cell."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    for kind, source in parse_percent(src.read_text()):
+    cells = parse_percent(src.read_text())
+    first_code = next((i for i, c in enumerate(cells) if c.kind == "code"), len(cells))
+    cells.insert(first_code, Cell("code", SETUP_CELL))
+    for kind, source, tags in cells:
         cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+        if tags:
+            cell.metadata["tags"] = list(tags)
         nb.cells.append(cell)
     for i, cell in enumerate(nb.cells):  # stable ids keep diffs small
         cell["id"] = f"{src.stem.split('_')[0]}-{i:03d}"

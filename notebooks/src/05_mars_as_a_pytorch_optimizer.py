@@ -32,33 +32,6 @@
 # run (4× the training data, 2.5× the steps, 5 seeds; a few minutes).
 
 # %%
-# Setup: make `mars_ref` importable. Nothing happens when it already is (after `make install` or
-# `pip install -e .`); otherwise the checkout around this notebook is installed into this kernel's Python.
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-spec = importlib.util.find_spec("mars_ref")
-if spec is None or spec.origin is None:  # not installed (a mere folder named mars_ref is no package)
-    here = Path.cwd().resolve()
-    root = next((p for p in (here, *here.parents, here / "mars_ref") if (p / "mars_ref" / "pieces.py").is_file()),
-                None)
-    if root is None:
-        raise ModuleNotFoundError("mars_ref is not installed and no mars_ref checkout is around this notebook: "
-                                  "clone the repository and open the notebook from its notebooks/ folder "
-                                  "(notebooks/README.md, 'Opening the notebooks')")
-    print(f"mars_ref is not importable: installing the checkout {root} into {sys.executable} with pip ...")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", str(root)], check=True)
-    sys.path.insert(0, str(root))  # new kernels see the editable install; this one needs the path now
-    importlib.invalidate_caches()
-    print("installed mars_ref and what it needs (torch, numpy, matplotlib, einops, tqdm)")
-import mars_ref
-
-print(f"mars_ref {mars_ref.__version__} from {os.path.relpath(Path(mars_ref.__file__).parent)}")
-
-# %%
 import math
 
 import matplotlib.pyplot as plt
