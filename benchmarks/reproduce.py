@@ -44,6 +44,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
@@ -103,7 +104,9 @@ def run_one(key: str, factor: float, seed: int, settings: dict, runs_dir: Path, 
     from mars_ref.gpt.train import TrainConfig, TrainingError, train
 
     _, _, optimizer, exact = next(o for o in OPTIMIZERS if o[0] == (EXACT_KEY if key == HALF_KEY else key))
-    steps = max_iters or settings["max_iters"]
+    steps = settings["max_iters"] if max_iters is None else max_iters
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"run_one: max_iters={steps!r}: must be an integer >= 1")
     out_dir = runs_dir / f"{key}-x{factor:.4g}-s{seed}"
     cfg = TrainConfig(preset=settings["preset"], optimizer=optimizer, exact=exact, seed=seed,
                       max_iters=steps, warmup_iters=settings["warmup_iters"],
@@ -146,8 +149,12 @@ def run_all(settings: dict, results_path: Path, runs_dir: Path, command: str, wo
     thread each; the results are the same runs with the same numbers, appended in the order they finish."""
     results = {"settings": settings, "command": command, "runs": []}
     if results_path.exists():
-        old = json.loads(results_path.read_text())
-        if old.get("settings") == settings:
+        try:
+            old = json.loads(results_path.read_text())
+        except (OSError, ValueError) as e:
+            old = None
+            print(f"warning: not resuming from {results_path} ({type(e).__name__}: {e}); it is replaced")
+        if isinstance(old, dict) and old.get("settings") == settings and isinstance(old.get("runs"), list):
             results["runs"] = old["runs"]
             print(f"resuming: {len(results['runs'])} runs already in {results_path}")
     results["host"] = {"cpus": os.cpu_count(), "torch_threads": settings["threads"], "workers": workers,
@@ -185,6 +192,90 @@ def run_all(settings: dict, results_path: Path, runs_dir: Path, command: str, wo
 
 
 # ----------------------------------------------------------------------------- analysis (no torch)
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read as this script's results (the message says what is wrong)."""
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+#: what each run record of a results file must hold (the table and the figure read these)
+RUN_FIELDS = {"key": "one of " + ", ".join(LABELS), "phase": "a string", "factor": "a number", "seed": "an integer",
+              "max_iters": "an integer >= 1", "lr": "a number", "steps": "a list", "grad_evals": "a list",
+              "val_loss": "a list", "final_val_loss": "a number or null", "seconds": "a number or null",
+              "total_grad_evals": "a number or null"}
+
+
+def _bad_field(name: str, value) -> bool:
+    if name == "key":
+        return value not in LABELS
+    if name == "phase":
+        return not isinstance(value, str)
+    if name in ("factor", "lr"):
+        return not _is_number(value)
+    if name == "seed":
+        return not isinstance(value, int) or isinstance(value, bool)
+    if name == "max_iters":
+        return not isinstance(value, int) or isinstance(value, bool) or value < 1
+    if name in ("steps", "grad_evals", "val_loss"):
+        return not isinstance(value, list)
+    return not (value is None or _is_number(value))
+
+
+def check_results(results, where: str = "the results") -> dict:
+    """``results`` if it has the shape this script writes (settings, runs, AdamW's tuning runs); else
+    ``ResultsError`` naming what is missing or wrong."""
+    if not isinstance(results, dict):
+        raise ResultsError(f"{where} is a JSON {type(results).__name__}, not an object with \"settings\" and "
+                           "\"runs\" (a file written by benchmarks/reproduce.py)")
+    s = results.get("settings")
+    if not isinstance(s, dict):
+        raise ResultsError(f"{where} has no \"settings\" object (a file written by benchmarks/reproduce.py has one)")
+    checks = {"preset": isinstance(s.get("preset"), str),
+              "max_iters": isinstance(s.get("max_iters"), int) and s.get("max_iters", 0) >= 1,
+              "grid": isinstance(s.get("grid"), list) and bool(s["grid"]) and all(
+                  _is_number(f) and f > 0 for f in s["grid"]),
+              "seeds": isinstance(s.get("seeds"), list) and bool(s["seeds"]) and all(
+                  isinstance(x, int) for x in s["seeds"])}
+    for name, ok in checks.items():
+        if not ok:
+            raise ResultsError(f"{where}: settings.{name} = {s.get(name)!r} is not valid (preset: a string, "
+                               "max_iters: an integer >= 1, grid: a non-empty list of factors > 0, seeds: a "
+                               "non-empty list of integers)")
+    runs = results.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ResultsError(f"{where} has no runs (\"runs\" = {runs!r}): nothing to tabulate; run the "
+                           "protocol first")
+    for i, r in enumerate(runs):
+        if not isinstance(r, dict):
+            raise ResultsError(f"{where}: run {i} is {r!r}, not a run record")
+        for name, valid in RUN_FIELDS.items():
+            if name not in r or _bad_field(name, r[name]):
+                raise ResultsError(f"{where}: run {i} has {name} = {r.get(name, '(missing)')!r}; expected {valid}")
+        if not len(r["steps"]) == len(r["grad_evals"]) == len(r["val_loss"]):
+            raise ResultsError(f"{where}: run {i} has {len(r['steps'])} steps, {len(r['grad_evals'])} grad_evals "
+                               f"and {len(r['val_loss'])} val_loss values; expected as many of each")
+    if not any(r["key"] == "adamw" and r["phase"] == "tune" and r["max_iters"] == s["max_iters"] for r in runs):
+        raise ResultsError(f"{where} has no AdamW tuning run of {s['max_iters']} steps: the table compares "
+                           "every optimizer with AdamW")
+    return results
+
+
+def load_results(path: Path) -> dict:
+    """A results file, checked (:func:`check_results`); ``ResultsError`` if it is missing, not JSON, or not
+    of this script's shape."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ResultsError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        results = json.loads(text)
+    except ValueError as e:
+        raise ResultsError(f"{path} is not valid JSON ({e}): a truncated or damaged file?") from None
+    return check_results(results, str(path))
 
 
 def _loss(x: float | None) -> float:
@@ -421,6 +512,39 @@ def write_outputs(results: dict, stem: Path) -> str:
     return md
 
 
+def _at_least(minimum: int, why: str = ""):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}{why}, not {text!r}")
+        return n
+    return parse
+
+
+def _threads(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return _at_least(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1, not {text!r}") from None
+
+
+def _writable(directory: Path) -> str | None:
+    """None if files can be created in ``directory`` (made if missing); else why not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".reproduce-probe-"):
+            pass
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick mode (2 × 64 model, 400 steps)")
@@ -431,24 +555,47 @@ def main(argv: list[str] | None = None) -> int:
                         "<results-dir>/reproduce_<mode>, or the --from-results file's stem)")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "reproduce"), help="run directories (git-ignored)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
-    parser.add_argument("--threads", default="auto",
+    parser.add_argument("--threads", default="auto", type=_threads,
                         help="torch threads; auto (default): all cores if the 1-minute load average is below 1, "
                              "else 1 (on a busy 2-core machine 2 threads ran ~10x slower than 1)")
-    parser.add_argument("--max-iters", type=int, help="override the mode's step count (and the results name)")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--max-iters", type=_at_least(2, " (exact MARS's equal-evaluation runs take half of it)"),
+                        help="override the mode's step count (and the results name); at least 2")
+    parser.add_argument("--workers", type=_at_least(1), default=1,
                         help="train each phase's runs in this many processes of 1 torch thread (default 1: "
                              "in this process, with --threads threads)")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, not {args.workers}")
 
     if args.from_results:
         src = Path(args.from_results)
-        results = json.loads(src.read_text())
+        try:
+            results = load_results(src)
+        except ResultsError as e:
+            parser.error(f"--from-results: {e}")
         stem = Path(args.out) if args.out else src.with_suffix("")
-        print(write_outputs(results, stem), end="")
+        why = _writable(stem.parent)
+        if why:
+            parser.error(f"cannot write the table and figure to {stem.parent} ({why}): give --out a writable path")
+        try:
+            md = write_outputs(results, stem)
+        except OSError as e:
+            print(f"error: cannot write {stem}.{{md,png}}: {e}", file=sys.stderr)
+            return 1
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+            parser.error(f"--from-results: cannot make the table from {src}: {type(e).__name__}: {e}")
+        print(md, end="")
         print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.png')}")
         return 0
+
+    mode = "quick" if args.quick else "full"
+    name = f"reproduce_{mode}"
+    if args.max_iters is not None:
+        name += f"_{args.max_iters}"
+    stem = Path(args.out) if args.out else Path(args.results_dir) / name
+    runs_dir = Path(args.runs_dir) / name
+    for option, directory in (("--out" if args.out else "--results-dir", stem.parent), ("--runs-dir", runs_dir)):
+        why = _writable(directory)
+        if why:
+            parser.error(f"{option}: cannot write in {directory} ({why}); give a writable directory")
 
     import torch
 
@@ -456,22 +603,23 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = 1  # each worker trains with one thread
     if args.threads == "auto":
         args.threads = (os.cpu_count() or 1) if os.getloadavg()[0] < 1 else 1
-    args.threads = int(args.threads)
     torch.set_num_threads(args.threads)
     os.environ["TQDM_DISABLE"] = "1"
-    mode = "quick" if args.quick else "full"
     settings = {**MODES[mode], "mode": mode, "threads": args.threads, "data_dir": args.data_dir}
-    name = f"reproduce_{mode}"
-    if args.max_iters:
+    if args.max_iters is not None:
         settings["max_iters"] = args.max_iters
-        name += f"_{args.max_iters}"
-    stem = Path(args.out) if args.out else Path(args.results_dir) / name
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/reproduce.py", *(argv or sys.argv[1:])])
     t0 = time.perf_counter()
-    results = run_all(settings, stem.with_suffix(".json"), Path(args.runs_dir) / name, command, args.workers)
-    results["total_seconds"] = results.get("total_seconds", 0.0) + time.perf_counter() - t0
-    write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
-    print(write_outputs(results, stem), end="")
+    try:
+        results = run_all(settings, stem.with_suffix(".json"), runs_dir, command, args.workers)
+        results["total_seconds"] = results.get("total_seconds", 0.0) + time.perf_counter() - t0
+        write_atomic(stem.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+        md = write_outputs(results, stem)
+    except OSError as e:
+        print(f"error: {type(e).__name__}: {e} (the runs finished so far are in {stem.with_suffix('.json')} "
+              "if it could be written; rerun the same command to resume)", file=sys.stderr)
+        return 1
+    print(md, end="")
     print(f"total {results['total_seconds']:.0f} s; wrote {stem}.{{json,md,png}}")
     return 0
 

@@ -164,3 +164,122 @@ def test_workers_give_the_same_runs_and_resume(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "two.json").read_text())["runs"] == two["runs"]
     again = reproduce.run_all(settings, tmp_path / "two.json", tmp_path / "runs2", "test", workers=2)
     assert again["runs"] == two["runs"]
+
+
+# ---------------------------------------------------------------------------- refused input
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-iters", "0"], "argument --max-iters: must be an integer >= 2"),
+    (["--max-iters", "-1"], "argument --max-iters: must be an integer >= 2"),
+    (["--max-iters", "1"], "argument --max-iters: must be an integer >= 2 (exact MARS's equal-evaluation runs"),
+    (["--max-iters", "abc"], "argument --max-iters: must be an integer >= 2"),
+    (["--threads", "0"], "argument --threads: must be 'auto' or an integer >= 1, not '0'"),
+    (["--threads", "abc"], "argument --threads: must be 'auto' or an integer >= 1, not 'abc'"),
+    (["--workers", "0"], "argument --workers: must be an integer >= 1, not '0'"),
+])
+def test_bad_counts_exit_2_with_the_valid_range(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "run_all", lambda *a, **k: pytest.fail("trained despite a bad argument"))
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([*argv, "--out", str(tmp_path / "r"), "--runs-dir", str(tmp_path / "runs")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_max_iters_zero_is_not_the_default_length(tmp_path):
+    with pytest.raises(ValueError, match=r"max_iters=0: must be an integer >= 1"):
+        reproduce.run_one("adamw", 1.0, 0, {"max_iters": 400}, tmp_path, "tune", max_iters=0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ('{"settings": {"preset": "cpu-mini", "max_', "is not valid JSON"),
+    ("[]", "is a JSON list, not an object"),
+    ("{}", 'has no "settings" object'),
+    ('{"settings": {"preset": "p", "max_iters": 20, "grid": [1.0], "seeds": [0]}, "runs": []}', "has no runs"),
+    ('{"settings": {"preset": "p", "max_iters": 0, "grid": [1.0], "seeds": [0]}, "runs": []}',
+     "settings.max_iters = 0 is not valid"),
+])
+def test_from_results_refuses_an_unusable_file_with_exit_2(content, message, tmp_path, capsys):
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--from-results", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--from-results: " in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: r["runs"][0].pop("final_val_loss"), "run 0 has final_val_loss = '(missing)'; expected a number"),
+    (lambda r: r["runs"][2].update(seed="0"), "run 2 has seed = '0'; expected an integer"),
+    (lambda r: r["runs"][1].update(key="sgd"), "run 1 has key = 'sgd'; expected one of adamw, lion"),
+    (lambda r: r["runs"][0].update(val_loss=[4.0]), "run 0 has 3 steps, 3 grad_evals and 1 val_loss values"),
+    (lambda r: r.update(runs=[x for x in r["runs"] if x["key"] != "adamw"]), "has no AdamW tuning run of 20 steps"),
+    (lambda r: r["runs"][0].update(seconds="slow"), "run 0 has seconds = 'slow'; expected a number or null"),
+])
+def test_from_results_names_the_damaged_record(damage, message, results, tmp_path, capsys):
+    damage(results)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--from-results", str(path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_committed_results_files_are_read(capsys):
+    for name in ("reproduce_full", "reproduce_quick"):
+        results = reproduce.load_results(ROOT / "benchmarks" / "results" / f"{name}.json")
+        assert len(results["runs"]) >= 38
+
+
+def test_an_unwritable_out_exits_2_before_anything_runs(results, tmp_path, monkeypatch, capsys):
+    """--out under a regular file (the tests run as root, which ignores permission bits), or in /proc."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    for out in (blocker / "sub" / "table", Path("/proc/mars-ref-test/table")):
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["--from-results", str(path), "--out", str(out)])
+        assert e.value.code == 2
+        assert f"cannot write the table and figure to {out.parent}" in capsys.readouterr().err
+    monkeypatch.setattr(reproduce, "run_all", lambda *a, **k: pytest.fail("trained into an unwritable directory"))
+    for option, value, shown in (("--out", blocker / "x" / "stem", "--out: cannot write in"),
+                                 ("--runs-dir", blocker / "runs", "--runs-dir: cannot write in")):
+        argv = ["--quick", "--out", str(tmp_path / "ok" / "stem"), "--runs-dir", str(tmp_path / "runs"),
+                option, str(value)]
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert shown in err and "give a writable directory" in err
+
+
+def test_a_write_that_fails_later_exits_1_with_a_message(results, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / "results.md"))
+
+    monkeypatch.setattr(reproduce, "write_atomic", read_only)
+    assert reproduce.main(["--from-results", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot write" in err and "Read-only file system" in err
+    monkeypatch.setattr(reproduce, "run_all", read_only)
+    assert reproduce.main(["--quick", "--threads", "1", "--out", str(tmp_path / "q"),
+                           "--runs-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "error: OSError: [Errno 30] Read-only file system" in err and "rerun the same command" in err
+
+
+def test_the_script_prints_no_traceback(tmp_path):
+    import subprocess
+
+    missing = tmp_path / "missing.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--from-results", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--from-results: cannot read {missing}: No such file or directory" in proc.stderr
