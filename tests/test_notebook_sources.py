@@ -31,9 +31,10 @@ def test_notebook_matches_its_source_and_was_executed(src):
     assert path.exists(), f"{path.name} missing: run `make notebooks`"
     committed = nbformat.read(path, as_version=4)
     built = run_notebooks.build(src)
-    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], (
-        f"{path.name} is out of step with notebooks/src/{src.name}: run `make notebooks`"
-    )
+    def cells(nb):
+        return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
+
+    assert cells(committed) == cells(built), f"{path.name} is out of step with notebooks/src/{src.name}: run `make notebooks`"
     code = [c for c in committed.cells if c.cell_type == "code" and c.source.strip()]
     assert all(c.get("execution_count") for c in code), f"{path.name} has unexecuted cells: run `make notebooks`"
 

@@ -1,6 +1,6 @@
 """Notebook 01: noisy nonconvex toy problems with an exact full gradient (built by scripts/run_notebooks.py)."""
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # # 01 · Noisy nonconvex toys: where stochastic gradients stall
 #
 # **What this notebook teaches.** Why the *noise* of a stochastic gradient, not the curvature, is what
@@ -38,7 +38,7 @@ FULL = os.environ.get("MARS_REF_FULL", "0") == "1"
 SEEDS = 256 if FULL else 128   # independent runs, vectorised as one batch dimension
 print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds")
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 1. The finite sum and its minibatch noise
 #
 # $x = (W_1, w_2)$ with $W_1 \in \mathbb{R}^{16\times 8}$, $w_2 \in \mathbb{R}^{16}$ ($n = 144$ parameters),
@@ -94,7 +94,7 @@ for B in (1, 4, 16, 64):
 #
 # `toys.run` runs all seeds at once as rows of one tensor.
 
-# %%
+# %% tags=["slide"]
 ETA, STEPS_2D = 0.01, 1500
 paths, losses = {}, {}
 for sigma in (0.0, 3.0):
@@ -205,7 +205,7 @@ assert all(0.75 < q < 1.33 for q in ratios)
 assert 3.0 < floors[0.01, 2.0][0] / floors[0.01, 1.0][0] < 5.0
 assert 1.5 < floors[0.02, 1.0][0] / floors[0.01, 1.0][0] < 2.7
 
-# %%
+# %% tags=["slide"]
 fig, ax = style.figure()
 for eta, marker in zip((0.005, 0.01, 0.02), "os^", strict=True):
     xs = [eta * s**2 for s in (0.5, 1.0, 2.0)]
@@ -219,7 +219,7 @@ ax.legend()
 style.save(fig, "01_noise_floor_law")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # The points follow the line: the plateau is set by $\eta\sigma^2$ (the excess at $\eta = 0.02$, about
 # 1.5×, is the $1/(2 - \eta h_j)$ factor of the stiff direction, where $\eta h_{\max} \approx 1$; the
 # linearised formula in the table accounts for it to within the asserted margin).

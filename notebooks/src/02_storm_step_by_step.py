@@ -1,6 +1,6 @@
 """Notebook 02: the STORM estimator step by step, and its measured variance (built by scripts/run_notebooks.py)."""
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # # 02 · STORM step by step: a gradient estimate whose error shrinks
 #
 # **What this notebook teaches.** Where STORM and MARS sit in the family of variance-reduction
@@ -162,7 +162,7 @@ assert worst < 1e-14  # float64: equal up to rounding
 #
 # One "gradient evaluation" is a minibatch gradient of $B = 8$ samples.
 
-# %%
+# %% tags=["slide"]
 runs = {
     "SGD": toys.run(problem, "sgd", lr=ETA, steps=STEPS, seeds=SEEDS, seed=2),
     "SGD, 2B": toys.run(toys.TwoLayerRegression(batch=16), "sgd", lr=ETA, steps=STEPS, seeds=SEEDS, seed=2),
@@ -225,7 +225,7 @@ assert same < 1e-12                                     # approx STORM (gamma = 
 others = min(v for name, v in progress.items() if name != "exact STORM")
 assert progress["exact STORM"] < 1.1 * others           # not more than 10 % behind at equal cost at the end
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # **Reading.** After the first few dozen steps exact STORM's error is more than an order of magnitude
 # below SGD's, and still far below SGD with a doubled batch, which costs the same two gradient
 # evaluations per step. Momentum reduces the noise too (it averages $\approx 1/a = 20$ gradients), but
@@ -284,7 +284,7 @@ for name, gap in gaps.items():
     print(f"  {name:9s}: {'below 1e-14' if gap / scale < 1e-14 else f'{gap / scale:.1e}'}")
 assert max(gaps.values()) / scale < 1e-14
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # Read the rewritten form at both ends. With $\gamma = 0$ it is plain momentum. With $\gamma = 1$ it is
 # $m_t = g_t + \beta_1(m_{t-1} - g_{\text{prev}})$, STORM (section 2); in approx mode that is SGD again
 # (section 1). In between, `toys.run(..., "mars-exact" / "mars-approx", gamma=γ)` (no clipping here)
@@ -292,7 +292,7 @@ assert max(gaps.values()) / scale < 1e-14
 # so the correction adds noise: the noise of $c_t$ is $(1+k)^2 + k^2$ times that of $g_t$ (2.4× at
 # $\gamma = 0.025$). In **exact** mode the two draws share the minibatch and the noise cancels to first order.
 
-# %%
+# %% tags=["slide"]
 GAMMAS = [0.0, 0.025, 0.1, 0.3, 1.0]
 sweep = {}
 for mode in ("exact", "approx"):
@@ -334,7 +334,7 @@ assert sweep["approx", 1.0] > 5 * sweep["approx", 0.1]                    # appr
 assert sweep["approx", 0.3] > sweep["approx", 0.0]                         # approx: a large gamma adds noise
 assert gap_storm < 1e-9 and gap_sgd < 1e-9
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # In exact mode every increase of $\gamma$ lowers the error, down to STORM at $\gamma = 1$. In approx
 # mode the lag correction and the added noise nearly cancel at the default $\gamma = 0.025$ (a change of
 # about 1 % here), and beyond it the added noise takes over until, at $\gamma = 1$, the estimate is SGD's

@@ -1,6 +1,6 @@
 """Notebook 03: from STORM to MARS, the gamma scale and clipping (built by scripts/run_notebooks.py)."""
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # # 03 · From STORM to MARS: the $\gamma\,\beta_1/(1-\beta_1)$ scale, and why MARS clips
 #
 # **What this notebook teaches.** How large MARS's correction is (the scale $k = \gamma\beta_1/(1-\beta_1)$,
@@ -46,7 +46,7 @@ BETA = 0.95
 problem = toys.TwoLayerRegression()  # N = 128, minibatch B = 8; x = (W1: 16 x 8, w2: 16)
 print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps")
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 1. The scale
 #
 # The correction is $k\,(g_t - g_{\text{prev}})$ with $k = \gamma\beta_1/(1-\beta_1)$. The factor
@@ -155,7 +155,7 @@ claims.check({
 # $W_1$ with 128 entries and $w_2$ with 16). `toys.run(..., clip="tensor"/"global")` applies them per
 # seed over `problem.split(x) = (W1, w2)`. We compare the final loss $F(x_{201})$ over seeds.
 
-# %%
+# %% tags=["slide"]
 CLIPS = ("none", "tensor", "global")
 clip_runs = {}
 for mode, gamma, eta in (("exact", 1.0, 0.2), ("exact", 1.0, 0.4), ("approx", 0.3, 0.1)):
@@ -221,7 +221,7 @@ claims.check({
             for k in (("exact", 1.0, 0.2), ("exact", 1.0, 0.4), ("approx", 0.3, 0.1))),
 })
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # **Reading.** In exact mode at $\gamma = 1$, clipping is what makes the large step usable: without it
 # a large share of the seeds diverge at $\eta = 0.4$ and the unlucky seeds at $\eta = 0.2$ end far above the
 # rest; with either clipping rule none diverges and the spread collapses. Per-tensor and global

@@ -1,6 +1,6 @@
 """Notebook 03b: where variance reduction wins at the optimizer level, and where not (built by run_notebooks.py)."""
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # # 03b · Where variance reduction pays off, and where it does not
 #
 # **What this notebook teaches.** Notebooks 02 and 03 measured a gradient estimate with a far smaller
@@ -36,7 +36,7 @@ SEEDS = 64 if FULL else 16   # 16 seeds: the spread below is measured over them
 BETA = 0.95                  # β1 = 1 − a for every averaging method here
 print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds")
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 1. The mechanism: the iterate integrates the estimator's error
 #
 # Near a minimum, $x_{t+1} - x^\star \approx (I - \eta H)(x_t - x^\star) - \eta\,e_t$, where $e_t = d_t - \nabla F(x_t)$
@@ -231,7 +231,7 @@ plt.show()
 # mean). Down and to the left is better; a larger $\eta$ moves every method to the right-hand side of
 # its line's bend: faster descent, higher noise floor.
 
-# %%
+# %% tags=["slide"]
 fig, axes = style.figure(1, 2, sharey=True)
 for ax, at, title in ((axes[0], "evals", f"equal gradient evaluations ({BUDGET})"),
                       (axes[1], "steps", f"equal steps ({STEPS})")):
@@ -288,7 +288,7 @@ claims.check({
         best["exact STORM"] == 0.2 and grid["exact STORM", 0.4]["diverged"] > 0,
 })
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # **Reading.** Here variance reduction wins at the optimizer level, not only in the estimator's error:
 # at equal gradient evaluations, each method at its own best step size, exact STORM ends with the lowest
 # loss (lower on at least three quarters of the seeds against each method) and a $\|\nabla F\|^2$ more than

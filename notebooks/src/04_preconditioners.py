@@ -1,6 +1,6 @@
 """Notebook 04: the three preconditioners of MARS, and the Shampoo ladder (built by scripts/run_notebooks.py)."""
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # # 04 · The preconditioners: AdamW's diagonal, Lion's sign, and the Shampoo ladder
 #
 # **What this notebook teaches.** The second half of MARS: the variance-reduced, clipped momentum
@@ -140,7 +140,7 @@ print(f"fraction of coordinates where Lion(0.9, 0.99) and MARS-Lion(beta1=0.9) d
       f"steps 101-200: {late:.2f}")
 assert 0.05 < late < 0.5
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 3. The Shampoo ladder
 #
 # ### Rung 1: full Shampoo
@@ -200,7 +200,7 @@ assert worst < 1e-9
 # momentum matrices can be), and what $j$ steps make of each singular value, $u_i^\top X_j v_i$, in
 # float64 and bfloat16, for $j$ up to 16, three times the authors' five.
 
-# %%
+# %% tags=["slide"]
 gen = torch.Generator().manual_seed(3)
 U0, _ = torch.linalg.qr(torch.randn(128, 64, generator=gen, dtype=torch.float64))
 V0, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))
@@ -260,7 +260,7 @@ assert all(b < a for a, b in zip(dist[torch.float64][:8], dist[torch.float64][1:
 assert 0.1 < min(late64) and max(late64) < 1.5 * min(late64)  # then levels off above 0.1: no convergence
 assert min(late16) > 2 * max(late64)  # bfloat16 levels off higher still
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # Three things to notice.
 #
 # * The distance to $UV^\top$ falls only while the weakest directions are still being lifted into the
