@@ -142,6 +142,8 @@ RUN_TMP_PREFIX = "mars-study-"  # temporary run directories: mars-study-<pid>-XX
 
 # Bases of the lr grids: (lr, lr_1d, min_lr) at factor 1. AdamW and MARS: the CPU recipe of mars_ref.gpt.train;
 # Muon and MARS-Shampoo: the recipe × 2 (×3 won or tied in the quick reproduction).
+# Not shared with reproduce.py's BASE_LR: AdamW and MARS-AdamW agree, but Muon and MARS-Shampoo differ (×2 here);
+# each table is what its experiment ran (its cached runs' configs), so neither may follow the other.
 BASE_LR = {
     "adamw": (6e-3, 6e-3, 6e-5),
     "mars-adamw": (1e-2, 5e-3, 1e-4),
@@ -522,23 +524,72 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / f"{key}.json"
 
 
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _loss_or_none(x) -> bool:
+    """A cross-entropy (a finite number >= 0) or None (diverged)."""
+    return x is None or (_real(x) and x >= 0)
+
+
+def record_problem(rec, key: str) -> str | None:
+    """What makes ``rec`` unusable as the cached result of run ``key`` (None if nothing): the fields the
+    stages, the report and the timing read, each of its type; losses are cross-entropies, finite and >= 0."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not a result record"
+    if rec.get("version") != STUDY_VERSION or rec.get("key") != key:
+        return f"not a {STUDY_VERSION} result for key {key} (version {rec.get('version')!r})"
+    r = rec.get("result")
+    if not isinstance(r, dict):
+        return f"its result is {r!r}, not an object"
+    checks = [
+        ("final_val_loss", _loss_or_none, "a loss >= 0 or null"),
+        ("best_val_loss", _loss_or_none, "a loss >= 0 or null"),
+        ("seconds", lambda x: _real(x) and x >= 0, "a number of seconds >= 0"),
+        ("total_grad_evals", lambda x: x is None or _real(x), "a number or null"),
+        ("steps", lambda x: isinstance(x, list) and all(_real(v) for v in x), "a list of numbers"),
+        ("grad_evals", lambda x: isinstance(x, list) and all(_real(v) for v in x), "a list of numbers"),
+        ("val_loss", lambda x: isinstance(x, list) and len(x) == len(r.get("steps") or []) and all(
+            _loss_or_none(v) for v in x), "a list of losses >= 0 or null, one per entry of steps"),
+    ]
+    for name, ok, valid in checks:
+        if name not in r:
+            return f"its result has no {name} (expected {valid})"
+        if not ok(r[name]):
+            return f"result.{name} = {r[name]!r}; expected {valid}"
+    config = rec.get("config")
+    if not (isinstance(config, dict) and _real(config.get("lr"))):
+        return f"config = {config!r}; expected an object with the run's lr"
+    host = rec.get("host", {})
+    if not isinstance(host, dict):
+        return f"host = {host!r}; expected an object"
+    load = host.get("load_avg_before", [0.0])
+    if not (isinstance(load, list) and load and all(_real(v) for v in load)):
+        return f"host.load_avg_before = {load!r}; expected a list of load averages"
+    if not isinstance(rec.get("finished_at", ""), str):
+        return f"finished_at = {rec['finished_at']!r}; expected a time stamp"
+    return None
+
+
 def load_cache(cache_dir: Path, warn=print) -> dict:
     """Every whole result file of ``cache_dir``: key -> record. Temporary files (``*.tmp``, a write that was
-    killed) are skipped; a ``.json`` that does not parse or is not a result of this STUDY_VERSION is reported
-    and skipped (its run will be done again and the file replaced)."""
+    killed) and the lock (``.lock``) are skipped; a ``.json`` that does not parse, is not a result of this
+    STUDY_VERSION, or holds a record of the wrong shape or an impossible value (:func:`record_problem`) is
+    reported and skipped (its run will be done again and the file replaced)."""
     cache = {}
     if not cache_dir.is_dir():
         return cache
     for path in sorted(cache_dir.glob("*.json")):
         try:
             rec = json.loads(path.read_text())
-            ok = (isinstance(rec, dict) and rec.get("version") == STUDY_VERSION and rec.get("key") == path.stem
-                  and "final_val_loss" in rec.get("result", {}))
         except (OSError, ValueError) as e:
-            warn(f"warning: ignoring unreadable cache file {path.name} ({type(e).__name__}: {e})")
+            warn(f"warning: ignoring unreadable cache file {path.name} ({type(e).__name__}: {e}); its run is "
+                 "done again")
             continue
-        if not ok:
-            warn(f"warning: ignoring {path.name}: not a {STUDY_VERSION} result for key {path.stem}")
+        problem = record_problem(rec, path.stem)
+        if problem:
+            warn(f"warning: ignoring {path.name}: {problem}; its run is done again")
             continue
         cache[path.stem] = rec
     return cache
@@ -587,13 +638,17 @@ def clean_leftovers(cache_dir: Path) -> list[str]:
     return removed
 
 
-@contextlib.contextmanager
-def cache_lock(cache_dir: Path):
-    """One runner per cache: an exclusive ``flock`` (released when the process dies) on a file in the temp
-    directory named after the cache's absolute path (not in the cache, which is meant to be copied)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha256(str(cache_dir.resolve()).encode()).hexdigest()[:16]
-    f = open(Path(tempfile.gettempdir()) / f"mars-study.lock-{tag}", "a+")
+LOCK_NAME = ".lock"  # in the cache directory (not a .json: never read as a result)
+
+
+def _try_lock(path: Path, cache_dir: Path):
+    """An open file of ``path`` holding an exclusive ``flock``; SystemExit naming the holder if another
+    process has it, or why the file cannot be made."""
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot make the lock file {path} of the cache {cache_dir} "
+                         f"({type(e).__name__}: {e.strerror or e}); the cache must be a writable directory") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -606,11 +661,28 @@ def cache_lock(cache_dir: Path):
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
+    return f
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path):
+    """One runner per cache: an exclusive ``flock`` (released when the process dies) on ``<cache>/.lock``, so
+    every runner of the cache sees it whatever its temp directory; and on a file in the temp directory named
+    after the cache's absolute path, which runners of other checkouts of this script take."""
     try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot make the cache directory {cache_dir} ({type(e).__name__}: "
+                         f"{e.strerror or e}); give a writable --cache") from None
+    held = [_try_lock(cache_dir / LOCK_NAME, cache_dir)]
+    try:
+        tag = hashlib.sha256(str(cache_dir.resolve()).encode()).hexdigest()[:16]
+        held.append(_try_lock(Path(tempfile.gettempdir()) / f"mars-study.lock-{tag}", cache_dir))
         yield
     finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+        for f in reversed(held):
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -1318,6 +1390,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-runs must be at least 1, not {args.max_runs}")
     if args.max_runs is not None and (args.status or args.report):
         parser.error("--max-runs goes with running the study, not with --status or --report")
+    if not args.status:
+        why = _writable(Path(args.results_dir))
+        if why:
+            parser.error(f"--results-dir: cannot write the report in {args.results_dir} ({why}); give a writable "
+                         "directory")
 
     settings = MODES["quick" if args.quick else "full"]
     cache_dir = Path(args.cache) if args.cache else ROOT / "benchmarks" / "results" / settings["name"]
@@ -1333,9 +1410,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_text(study, load_cache(cache_dir), args.workers), end="")
         return 0
     if args.report:
-        paths = write_report(study, cache_dir, results_dir)
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
-        return 0
+        return _report(study, cache_dir, results_dir)
     print(prep_out.getvalue(), end="")
     with cache_lock(cache_dir):
         print(f"study {settings['name']}: {len(study.cells)} cells, cache {cache_dir}, {args.workers} worker(s)")
@@ -1346,14 +1421,40 @@ def main(argv: list[str] | None = None) -> int:
             counts = run_study(study, cache_dir, args.workers, args.max_runs)
         except KeyboardInterrupt:
             return 130
+        except OSError as e:
+            print(f"error: {type(e).__name__}: {e} (the finished runs are cached in {cache_dir}; rerun the same "
+                  "command to continue)", file=sys.stderr)
+            return 1
         print(f"{counts['finished']} new runs in {time.perf_counter() - t0:.0f} s; {counts['cached']} cached; "
               f"{counts['failed']} failed")
-    cache = load_cache(cache_dir)
-    if cache:
-        paths = write_report(study, cache_dir, results_dir)
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    cache = load_cache(cache_dir, warn=lambda m: None)
+    if cache and _report(study, cache_dir, results_dir):
+        return 1
     print(status_text(study, cache, args.workers).split("\n\n")[-1], end="")
     return 1 if counts["failed"] else 0
+
+
+def _report(study: Study, cache_dir: Path, results_dir: Path) -> int:
+    """Write the report; 0, or 1 with a message if a file cannot be written."""
+    try:
+        paths = write_report(study, cache_dir, results_dir)
+    except OSError as e:
+        print(f"error: cannot write the report in {results_dir} ({type(e).__name__}: {e.strerror or e}"
+              f"{': ' + str(e.filename) if e.filename else ''}); the cache {cache_dir} is unchanged", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _writable(directory: Path) -> str | None:
+    """None if files can be created in ``directory`` (made if missing); else why not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".study-probe-"):
+            pass
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
 
 
 if __name__ == "__main__":

@@ -158,13 +158,16 @@ def test_tiny_study_runs_resumes_survives_a_kill_and_reports(data_dir, tmp_path,
     # the loader must not trust it), a run directory of a dead process
     (cache / f".{files[1].name}.99999999.tmp").write_text('{"version": "stu')
     files[2].write_text(files[2].read_text()[:50])
+    files[0].write_text(json.dumps({**json.loads(files[0].read_text()), "result": None}))  # valid JSON, no result
     stale = Path(tempfile.mkdtemp(prefix=f"{study.RUN_TMP_PREFIX}99999999-"))
     capsys.readouterr()
     assert study.main(args) == 0
     out = capsys.readouterr().out
     assert f"ignoring unreadable cache file {files[2].name}" in out
     assert not list(cache.glob("*.tmp")) and not stale.exists()
-    assert json.loads(files[2].read_text())["key"] == files[2].stem  # rerun and replaced whole
+    assert f"ignoring {files[0].name}: its result is None, not an object; its run is done again" in out
+    for f in (files[0], files[2]):
+        assert json.loads(f.read_text())["result"]["final_val_loss"] > 0  # rerun and replaced whole
     assert f"cells done: {N_CELLS} of {N_CELLS}" in out
 
     # a second invocation runs nothing new and rewrites no result
@@ -219,4 +222,121 @@ def test_one_runner_per_cache(tmp_path):
                 pass
     with study.cache_lock(tmp_path):  # released
         pass
-    assert os.listdir(tmp_path) == []  # the lock lives outside the cache
+    assert os.listdir(tmp_path) == [".lock"]  # beside the results, never read as one
+    assert study.load_cache(tmp_path) == {}
+
+
+# ---------------------------------------------------------------------------- damaged caches, locks, outputs
+
+DAMAGES = {
+    "result null": (lambda r: r.update(result=None), "its result is None, not an object"),
+    "result a string": (lambda r: r.update(result="2.5"), "its result is '2.5', not an object"),
+    "final loss a string": (lambda r: r["result"].update(final_val_loss="2.5"),
+                            "result.final_val_loss = '2.5'; expected a loss >= 0 or null"),
+    "no best loss": (lambda r: r["result"].pop("best_val_loss"),
+                     "its result has no best_val_loss (expected a loss >= 0 or null)"),
+    "negative loss": (lambda r: r["result"].update(final_val_loss=-5),
+                      "result.final_val_loss = -5; expected a loss >= 0 or null"),
+    "infinite loss": (lambda r: r["result"].update(best_val_loss=math.inf),
+                      "result.best_val_loss = inf; expected a loss >= 0 or null"),
+    "curve of another length": (lambda r: r["result"].update(val_loss=[4.0]),
+                                "result.val_loss = [4.0]; expected a list of losses >= 0 or null, one per entry"),
+    "seconds missing": (lambda r: r["result"].pop("seconds"), "its result has no seconds"),
+    "host a string": (lambda r: r.update(host="box"), "host = 'box'; expected an object"),
+    "empty object": (lambda r: r.clear(), "not a study/1 result for key"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_cached_record_of_the_wrong_shape_is_warned_about_skipped_and_rerun(damage, tiny, tmp_path):
+    cell = study.Cell("M", 1.0, 4, "adamw")
+    good, bad = tiny.job(cell, 0.5, 0), tiny.job(cell, 1.0, 0)
+    rec = json.loads(json.dumps(fake(bad, 2.2)))
+    change, message = DAMAGES[damage]
+    change(rec)
+    (tmp_path / f"{bad.key}.json").write_text(json.dumps(rec))
+    (tmp_path / f"{good.key}.json").write_text(json.dumps(fake(good, 2.5)))
+    warnings = []
+    cache = study.load_cache(tmp_path, warn=warnings.append)
+    assert list(cache) == [good.key]
+    assert len(warnings) == 1 and f"warning: ignoring {bad.key}.json: " in warnings[0]
+    assert message in warnings[0] and "its run is done again" in warnings[0]
+    assert [j.key for j in tiny.state(cell, cache).ready] == [bad.key]  # scheduled again
+
+
+def test_report_skips_damaged_records_and_refuses_an_unwritable_directory(data_dir, tiny, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setitem(study.MODES, "quick", TINY)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cell = study.Cell("M", 1.0, 4, "adamw")
+    good, bad = tiny.job(cell, 0.5, 0), tiny.job(cell, 1.0, 0)
+    (cache / f"{good.key}.json").write_text(json.dumps(fake(good, 2.5)))
+    (cache / f"{bad.key}.json").write_text(json.dumps({**fake(bad, 2.2), "result": None}))
+    args = ["--quick", "--cache", str(cache), "--data-dir", str(data_dir), "--report"]
+    assert study.main([*args, "--results-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"ignoring {bad.key}.json: its result is None" in out and (tmp_path / "out" / "study_tiny.md").exists()
+
+    blocker = tmp_path / "a-file"  # the tests run as root, which writes through permission bits: use a file
+    blocker.write_text("")
+    for where in (blocker / "report", Path("/proc/mars-ref-test")):
+        with pytest.raises(SystemExit) as e:
+            study.main([*args, "--results-dir", str(where)])
+        assert e.value.code == 2
+        assert f"--results-dir: cannot write the report in {where}" in capsys.readouterr().err
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system", str(tmp_path / "out" / "study_tiny_gap.png"))
+
+    monkeypatch.setattr(study, "plot_gaps", read_only)
+    assert study.main([*args, "--results-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write the report in {tmp_path / 'out'} (OSError: Read-only file system" in err
+    assert "Traceback" not in err
+
+
+LOCK_SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {benchmarks!r})
+import study
+with study.cache_lock(Path({cache!r})):
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[1]))
+"""
+
+
+def test_one_runner_per_cache_across_temp_directories(tmp_path):
+    """Two processes with different TMPDIR: the lock is beside the cache, so the second one is refused."""
+    import subprocess
+
+    cache = tmp_path / "cache"
+    script = LOCK_SCRIPT.format(benchmarks=str(ROOT / "benchmarks"), cache=str(cache))
+    envs = []
+    for name in ("tmp_a", "tmp_b"):
+        (tmp_path / name).mkdir()
+        envs.append({**os.environ, "TMPDIR": str(tmp_path / name)})
+    first = subprocess.Popen([sys.executable, "-c", script, "60"], env=envs[0], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "-c", script, "0"], env=envs[1], capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 1 and "locked" not in second.stdout
+        assert f"error: another study runner (pid {first.pid}) is using {cache}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    third = subprocess.run([sys.executable, "-c", script, "0"], env=envs[1], capture_output=True, text=True,
+                           timeout=60)
+    assert third.returncode == 0 and third.stdout.strip() == "locked"  # released when its holder died
+
+
+def test_a_cache_that_cannot_be_made_is_refused_with_a_message(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"error: cannot make the cache directory .*a-file/cache \(\w+Error: .*"
+                                         r"give a writable --cache"):
+        with study.cache_lock(blocker / "cache"):
+            pass
