@@ -73,7 +73,8 @@ EXACT_KEY = "mars-adamw-exact"
 
 # Centre of each lr grid: (lr, lr_1d, min_lr), the mars_ref.gpt.train CPU recipe (``OPTIM_RECIPES["cpu-tiny"]``),
 # pinned here so that a later recipe change does not move the grid. Every other setting (betas, weight decay, γ,
-# clipping) is the recipe's.
+# clipping) is the recipe's. Not shared with study.py's BASE_LR, whose Muon and MARS-Shampoo bases are these × 2:
+# each table is what its experiment ran.
 BASE_LR = {
     "adamw": (6e-3, 6e-3, 6e-5),
     "lion": (5e-4, 5e-4, 5e-6),
