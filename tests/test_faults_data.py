@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mars_ref.gpt import data
+from mars_ref.gpt import corpora, corpus_check, data
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 HAMLET = FIXTURES / "hamlet_act1.txt"
@@ -367,8 +367,8 @@ def test_large_splits_are_sampled_unless_full(tiny, monkeypatch):
     """Above FULL_CHECK_TOKENS a split is checked in windows from its first to its last id (a 17 GB
     openwebtext is not read on every start); full=True reads every id."""
     _, out = tiny
-    monkeypatch.setattr(data, "FULL_CHECK_TOKENS", 100)
-    monkeypatch.setattr(data, "CHECK_WINDOW", 10)
+    monkeypatch.setattr(corpus_check, "FULL_CHECK_TOKENS", 100)
+    monkeypatch.setattr(corpus_check, "CHECK_WINDOW", 10)
     put_id(out, "train", 4632, 61)  # the last id: in the last window
     with pytest.raises(data.DataError, match="holds token id 61 .at position 4,632."):
         data.check_corpus(out)
@@ -464,7 +464,7 @@ def test_a_full_disk_says_so_and_leaves_no_temporary(tmp_path, monkeypatch, caps
         calls.append(len(payload))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data, "_write_bytes", full)
+    monkeypatch.setattr(corpora, "_write_bytes", full)
     data_dir = tmp_path / "d"
     with pytest.raises(data.StorageError) as e:
         data.prepare("tiny", data_dir=data_dir, source=HAMLET)
@@ -487,7 +487,7 @@ def test_a_full_disk_during_force_keeps_the_corpus(tiny, monkeypatch, capsys, wh
 
         monkeypatch.setattr(data.os, "posix_fallocate", no_space)
     else:
-        write = data._write_bytes
+        write = corpora._write_bytes
 
         def full_at_meta(f, payload):
             if bytes(payload[:1]) == b"{":
@@ -495,7 +495,7 @@ def test_a_full_disk_during_force_keeps_the_corpus(tiny, monkeypatch, capsys, wh
                 raise OSError(errno.ENOSPC, "No space left on device")
             write(f, payload)
 
-        monkeypatch.setattr(data, "_write_bytes", full_at_meta)
+        monkeypatch.setattr(corpora, "_write_bytes", full_at_meta)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         data.main(["tiny", "--data-dir", str(data_dir), "--force"])
@@ -574,3 +574,19 @@ def test_paths_that_are_files_and_names_that_are_not_names(tmp_path, capsys):
         assert capsys.readouterr().err == f"error: {message}\n", argv
     assert a_file.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[]", b'{"name": "mine"}'])
+def test_a_damaged_meta_json_of_a_corpus_of_your_own_names_the_file(tmp_path, damage):
+    """A corpus prepared from a local source whose meta.json is damaged (so it no longer says which source it came
+    from): preparing it again without --source is a DataError naming meta.json and the command that prepares it
+    again, not an unknown corpus."""
+    data.prepare("mine", data_dir=tmp_path, source=HAMLET)
+    meta = tmp_path / "mine" / "meta.json"
+    meta.write_bytes(damage)
+    with pytest.raises(data.DataError) as e:
+        data.prepare("mine", data_dir=tmp_path)
+    message = str(e.value)
+    assert str(meta) in message and "unknown corpus" not in message
+    assert f"python -m mars_ref.gpt.data mine --data-dir {tmp_path} --source PATH --force" in message
+    assert meta.read_bytes() == damage
