@@ -39,6 +39,7 @@ import importlib.util
 import json
 import math
 import sys
+import tempfile
 import time
 import types
 import warnings
@@ -1164,12 +1165,39 @@ def plot(results: list[Result], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the command
 
 
+def _steps(text: str) -> int:
+    """An argparse type: a step count >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (the steps each implementation takes on the "
+                                         f"model), not {text!r}")
+    return n
+
+
+def _writable(directory: Path) -> str | None:
+    """None if files can be created in ``directory`` (made if missing); else why not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".audit-probe-"):
+            pass
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/audit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="also write audit.md, audit.json and audit.png into this folder")
-    parser.add_argument("--steps", type=int, default=max(STEPS), help="steps on the model (default %(default)s)")
+    parser.add_argument("--steps", type=_steps, default=max(STEPS), help="steps on the model (default %(default)s)")
     parser.add_argument("--no-emulations", action="store_true", help="leave out the emulations of the authors' code")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        why = _writable(args.out)
+        if why:
+            parser.error(f"--out: cannot write in {args.out} ({why}); give a writable directory")
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared machine
     start, h = time.perf_counter(), Hyper()
     base = baseline(h, args.steps)
@@ -1187,10 +1215,15 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results, skipped, h, time.perf_counter() - start)
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "audit.md").write_text(text)
-        (args.out / "audit.json").write_text(json.dumps(to_json(results, skipped, h), indent=1) + "\n")
-        plot(results, args.out / "audit.png")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "audit.md").write_text(text)
+            (args.out / "audit.json").write_text(json.dumps(to_json(results, skipped, h), indent=1) + "\n")
+            plot(results, args.out / "audit.png")
+        except OSError as e:
+            print(f"error: cannot write the audit into {args.out} ({type(e).__name__}: {e.strerror or e}"
+                  f"{': ' + str(e.filename) if e.filename else ''}); the report is printed above", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -335,3 +335,49 @@ def test_pinned_verdict(base, factory, module, dist, residual, compensated):
 def test_timm_is_loaded_without_importing_the_timm_package():
     cls = audit.load_timm_mars() if _pinned(audit.timm, "timm", "timm") else None
     assert cls.__name__ == "Mars" and "timm" not in sys.modules
+
+
+# ------------------------------------------------------------------------------------------ the command's input
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "abc"])
+def test_a_step_count_below_1_exits_2_with_the_valid_range(steps, monkeypatch, capsys):
+    monkeypatch.setattr(audit, "baseline", lambda *a, **k: pytest.fail("ran despite a bad --steps"))
+    with pytest.raises(SystemExit) as e:
+        audit.main(["--steps", steps])
+    assert e.value.code == 2
+    assert f"argument --steps: must be an integer >= 1 (the steps each implementation takes on the model), " \
+           f"not {steps!r}" in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_written_exits_2_before_the_audit_runs(tmp_path, monkeypatch, capsys):
+    """--out at a regular file, under one (the tests run as root, which writes through permission bits), in /proc."""
+    monkeypatch.setattr(audit, "baseline", lambda *a, **k: pytest.fail("ran into an unwritable --out"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "audit", Path("/proc/mars-ref-audit")):
+        with pytest.raises(SystemExit) as e:
+            audit.main(["--steps", "1", "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out: cannot write in {out} (" in err and "give a writable directory" in err
+
+
+def test_a_write_that_fails_after_the_audit_exits_1_with_a_message(tmp_path, monkeypatch, capsys):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / "audit.png"))
+
+    monkeypatch.setattr(audit, "plot", read_only)
+    assert audit.main(["--steps", "1", "--no-emulations", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "| mars_ref |" in out  # the report is printed all the same
+    assert f"error: cannot write the audit into {tmp_path} (OSError: Read-only file system: " in err
+
+
+def test_the_script_exits_2_without_a_traceback():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(Path(audit.__file__)), "--steps", "-3"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --steps: must be an integer >= 1" in proc.stderr
