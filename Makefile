@@ -2,6 +2,9 @@
 # make test  : run the whole test suite, notebooks included (installs what is missing first)
 # make notebooks : re-execute every notebook in place, so committed outputs match the code
 # make figures : export every notebook's key figures as SVG and 150-dpi PNG (16:9) into notebooks/figures/
+# make book : the course site from the committed notebooks (build/book/html; Sphinx, MathJax served with it)
+# make slides : the two lectures as reveal.js decks with speaker notes (build/slides), viewable offline
+# make student : the student edition, without the exercise solutions (build/student/mars_ref)
 PYTHON ?= python3
 VENV ?= .venv
 # A CPU-only machine should pin the CPU build, e.g. `make test TORCH=torch==2.13.0`
@@ -10,7 +13,7 @@ VENV ?= .venv
 TORCH ?= torch>=2.4
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo notebooks figures lint bench reproduce
+.PHONY: install test demo notebooks figures lint bench reproduce book slides student
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -39,3 +42,14 @@ bench: install
 
 reproduce: install
 	$(PY) benchmarks/reproduce.py --quick
+
+book: install
+	$(PY) -c "import sphinx, myst_nb, sphinx_book_theme, selenium" 2>/dev/null || \
+		$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,course]"
+	$(PY) scripts/course.py book
+
+slides: install
+	$(PY) scripts/course.py slides
+
+student: install
+	$(PY) scripts/course.py student
