@@ -54,7 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "benchmarks") not in sys.path:  # for study.py's interval, however this file was loaded
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from study import interval, write_atomic  # noqa: E402  one definition of each for both benchmark scripts
+from study import interval  # noqa: E402  one definition for both benchmark scripts
+
+from mars_ref._io import write_atomic  # noqa: E402  the project's one atomic writer
 
 # (key, label in tables, mars_ref.gpt.train optimizer, exact)
 OPTIMIZERS = [
@@ -160,6 +162,8 @@ def run_all(settings: dict, results_path: Path, runs_dir: Path, command: str, wo
             print(f"resuming: {len(results['runs'])} runs already in {results_path}")
     results["host"] = {"cpus": os.cpu_count(), "torch_threads": settings["threads"], "workers": workers,
                        "machine": platform.machine(), "load_avg_at_start": os.getloadavg()}
+
+    results_path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(r: dict, t0: float) -> None:
         results["runs"].append(r)
@@ -508,6 +512,7 @@ def plot(results: dict, out: Path) -> Path:
 
 def write_outputs(results: dict, stem: Path) -> str:
     md = table_markdown(results)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(stem.with_suffix(".md"), md)
     plot(results, stem.with_suffix(".png"))
     return md

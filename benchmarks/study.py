@@ -136,6 +136,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(1, str(ROOT))
 
+from mars_ref._io import write_atomic  # noqa: E402  the project's one atomic writer (also study.write_atomic)
+
 # Part of every cache key: change it when the meaning of a result changes (what is measured, how).
 STUDY_VERSION = "study/1"
 RUN_TMP_PREFIX = "mars-study-"  # temporary run directories: mars-study-<pid>-XXXX in the system temp dir
@@ -595,22 +597,6 @@ def load_cache(cache_dir: Path, warn=print) -> dict:
     return cache
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a kill at any moment leaves the old file or the new one, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -622,8 +608,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_leftovers(cache_dir: Path) -> list[str]:
-    """Remove what a killed study left behind: ``.*.<pid>.tmp`` files in the cache and ``mars-study-<pid>-*``
-    run directories in the temp dir, of processes that are gone."""
+    """Remove what a killed study left behind: the temporary files of unfinished writes in the cache
+    (``.<name>.<pid>.tmp`` of processes that are gone, and ``.<name>.<random>.tmp`` of ``write_atomic``, whose
+    writer is gone: the caller holds the cache's lock) and ``mars-study-<pid>-*`` run directories in the temp dir,
+    of processes that are gone."""
     removed = []
     for path in list(cache_dir.glob(".*.tmp")) if cache_dir.is_dir() else []:
         pid = path.name.rsplit(".", 2)[-2]
@@ -770,6 +758,7 @@ def run_study(study: Study, cache_dir: Path, workers: int, max_runs: int | None 
     ``data_id`` (``benchmarks/correction.py`` runs its own design on this runner); ``spec_of(job)`` is the
     description stored with each result (default: the study's cell, factor and seed)."""
     spec_of = spec_of or _spec
+    cache_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(cache_dir)
     cache = load_cache(cache_dir, warn=log)
     study.plan(cache)

@@ -340,3 +340,22 @@ def test_a_cache_that_cannot_be_made_is_refused_with_a_message(tmp_path):
                                          r"give a writable --cache"):
         with study.cache_lock(blocker / "cache"):
             pass
+
+
+def test_results_are_written_by_the_projects_one_atomic_writer(tmp_path, monkeypatch):
+    """study.write_atomic (imported by benchmarks/correction.py) is mars_ref._io's: a failed replace leaves the old
+    file whole and no temporary file."""
+    from mars_ref import _io
+
+    assert study.write_atomic is _io.write_atomic
+    path = tmp_path / "r.json"
+    study.write_atomic(path, '{"a": 1}\n')
+    assert path.read_text() == '{"a": 1}\n'
+
+    def killed(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_io.os, "replace", killed)
+    with pytest.raises(OSError, match="No space left"):
+        study.write_atomic(path, '{"a": 2}\n')
+    assert path.read_text() == '{"a": 1}\n' and os.listdir(tmp_path) == ["r.json"]
