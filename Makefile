@@ -13,7 +13,7 @@ VENV ?= .venv
 TORCH ?= torch>=2.4
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo notebooks figures lint bench reproduce book slides student
+.PHONY: install test demo notebooks figures lint bench reproduce book slides student gpu-check
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -53,3 +53,8 @@ slides: install
 
 student: install
 	$(PY) scripts/course.py student
+
+# make gpu-check : on a machine with a GPU, check every GPU path in at most 10 minutes (a CPU dry run without CUDA);
+# the table goes to benchmarks/results/ (docs/gpu.md). Options: make gpu-check GPU_CHECK_ARGS="--budget 900"
+gpu-check: install
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)

@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                 # GPT-2 small: 124.5M parameters, 148 tensors
     python benchmarks/step_time.py --small         # a quick smoke run on a tiny parameter set
     python benchmarks/step_time.py --baseline DIR  # also time the MARS of another checkout (before/after)
+    python benchmarks/step_time.py --device cuda   # on the GPU (each step timed between two torch.cuda.synchronize())
 
 The parameters are built from GPT-2 small's shapes (nanoGPT layout, GPT-2's own biases: the 148
 tensors are wte 50304×768, tied with the head, so no separate lm_head; wpe 1024×768; per layer
@@ -25,6 +26,10 @@ step / AdamW step" on this machine when both are limited by memory bandwidth.
 ``--baseline DIR`` loads ``DIR/mars_ref`` (another checkout of this repository, e.g. a
 ``git worktree`` of an older commit) as a second package and adds its readable, foreach and fused
 MARS-AdamW rows, interleaved with the others, with per-round ratios "this checkout / baseline".
+
+``--device cuda`` puts the parameters and gradients on the GPU and synchronises before and after each timed step
+(CUDA launches are asynchronous); the rows that run C loops on CPU memory (MARS ``fused=True``, the two
+memory-traffic rows) are left out there, and ratios are to torch's fused AdamW on the GPU.
 
 ``pytorch-optimizer`` (PyPI) is not a dependency of mars_ref: install it for its row
 (``pip install pytorch-optimizer``); without it that row is skipped.
@@ -98,6 +103,12 @@ def optimizers(params) -> list[tuple[str, object]]:
 
 TRAFFIC_ADAMW = "memory traffic only: AdamW's 7 arrays"
 TRAFFIC_MARS = "memory traffic only: MARS-AdamW's 11 arrays"
+
+
+def cpu_only(name: str) -> bool:
+    """Rows whose step is a C loop over CPU memory (mars_ref/fused.c, traffic.c): not timed on CUDA."""
+    return name.endswith("fused") and "MARS" in name or name in (TRAFFIC_ADAMW, TRAFFIC_MARS)
+
 #: (row, reference row, the target set for it): printed as per-round ratios after the table
 TARGETS = [
     ("MARS-AdamW fused", "torch AdamW fused", "   target ≤ 1.5"),
@@ -164,13 +175,17 @@ def shampoo_optimizers(params):
     ]
 
 
-def round_robin(rows, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Step every optimizer once per round, in turn; return the step times (s) after warm-up."""
+def round_robin(rows, warmup: int, repeats: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Step every optimizer once per round, in turn; return the step times (s) after warm-up. On CUDA each step is
+    timed from a synchronised device to a synchronised device."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name, _ in rows}
     for r in range(warmup + repeats):
         for name, opt in rows:
+            sync()
             t0 = time.perf_counter()
             opt.step()
+            sync()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(dt)
@@ -184,18 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="a tiny parameter set (2 layers × 64, vocab 512)")
     ap.add_argument("--no-shampoo", action="store_true", help="skip the two MARS-Shampoo rows")
     ap.add_argument("--baseline", type=Path, help="another checkout whose MARS-AdamW rows to time beside these")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the parameters live and the steps run (default cpu)")
     ap.add_argument("--rows", help="time only the rows whose name matches this regular expression (each row keeps "
                                    "its own state: ~1-2 GB on GPT-2 small; fused AdamW, the reference, is kept)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: CUDA is not available here (torch {torch.__version__})")
 
     torch.manual_seed(0)
     shapes = gpt2_shapes(2, 64, 512, 128) if args.small else gpt2_shapes()
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s).to(args.device) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)
+    where = (f"CUDA ({torch.cuda.get_device_name()}, CUDA {torch.version.cuda})" if args.device == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
     print(f"parameter set: {'small' if args.small else 'GPT-2 small'}, {len(params)} tensors, "
-          f"{n / 1e6:.2f}M parameters, float32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{n / 1e6:.2f}M parameters, float32, {where}, torch {torch.__version__}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     if load:
         print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs)")
@@ -214,11 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         pairs += baseline_optimizers(params, args.baseline)
     if args.rows:
         pairs = [(name, f) for name, f in pairs if name == "torch AdamW fused" or re.search(args.rows, name)]
+    if args.device == "cuda":
+        for name, _ in pairs:
+            if cpu_only(name):
+                print(f"skipped {name}: a C loop over CPU memory")
+        pairs = [(name, f) for name, f in pairs if not cpu_only(name)]
     rows = build(pairs)
-    times = round_robin(rows, args.warmup, args.repeats)
+    times = round_robin(rows, args.warmup, args.repeats, args.device)
     if not args.no_shampoo:
         shampoo_rows = build(shampoo_optimizers(params))
-        times.update(round_robin(shampoo_rows, min(args.warmup, 1), min(args.repeats, 2)))
+        times.update(round_robin(shampoo_rows, min(args.warmup, 1), min(args.repeats, 2), args.device))
         rows += shampoo_rows
     if load:
         after = os.getloadavg()
