@@ -293,14 +293,15 @@ class Muon(_Checked):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        # The lr the 1-D fallback's ratio lr_1d / lr refers to: the group's lr when it is added.
+        if isinstance(param_group, dict):
+            param_group.setdefault("base_lr", param_group.get("lr", self.defaults["lr"]))
         super().add_param_group(param_group)
-        # The lr the 1-D fallback's ratio lr_1d / lr refers to: the group's lr when it was added.
-        self.param_groups[-1].setdefault("base_lr", float(self.param_groups[-1]["lr"]))
+        self.param_groups[-1]["base_lr"] = float(self.param_groups[-1]["base_lr"])
 
     def _check_group(self, group: dict, where: str) -> None:
         super()._check_group(group, where)
-        if "base_lr" in group:  # set by add_param_group; checked once it is there
-            _check_settings("Muon", group, {"base_lr": _NONNEGATIVE}, where)
+        _check_settings("Muon", group, {"base_lr": _NONNEGATIVE}, where)
 
     def load_state_dict(self, state_dict: dict) -> None:
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None

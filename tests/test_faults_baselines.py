@@ -268,3 +268,15 @@ def test_a_checkpoint_round_trip_gives_the_same_steps(name):
         _grads(xs, seed=9)
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
+
+
+def test_muon_refuses_a_group_without_base_lr_at_the_step_and_nothing_changes():
+    ps = _params()
+    opt = Muon(ps)
+    _grads(ps)
+    opt.step()
+    del opt.param_groups[0]["base_lr"]
+    snap = _snapshot(opt, ps)
+    with pytest.raises(ValueError, match=r"Muon: parameter group \(parameter group 0\) has no setting 'base_lr'"):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)
