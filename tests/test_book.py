@@ -220,6 +220,31 @@ def test_site_check_flags_remote_resources_and_broken_links(tmp_path):
     assert "example.org/\"" not in problems and "#top" not in problems
 
 
+def _build_site(src: Path, links: str) -> subprocess.CompletedProcess:
+    """Build a two-page site with the course's Sphinx configuration (book/conf.py), the index holding `links`."""
+    (src / "book").mkdir(parents=True, exist_ok=True)
+    (src / "notebooks").mkdir(exist_ok=True)
+    (src / "book" / "index.md").write_text(f"# Home\n\n{links}\n\n```{{toctree}}\n../notebooks/README\n```\n")
+    (src / "notebooks" / "README.md").write_text("# Notes\n\n## Notation\n\n$x_t$\n")
+    mathjax = src.parent / "mathjax"  # a stand-in for the npm package: only copied, never run here
+    mathjax.mkdir(exist_ok=True)
+    (mathjax / "tex-chtml.js").write_text("")
+    env = {**os.environ, "MARS_REF_MATHJAX": str(mathjax)}
+    return subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-E", "-n", "-W", "--keep-going", "-q",
+                           "-c", str(ROOT / "book"), str(src), str(src.with_name(src.name + "-html"))],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_site_build_fails_on_a_broken_internal_link(tmp_path):
+    pytest.importorskip("myst_nb", reason="the site's tools are not installed: pip install -e .[course]")
+    good = _build_site(tmp_path / "good", "[notation](../notebooks/README.md#notation)")
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert (tmp_path / "good-html" / "_static" / "mathjax" / "tex-chtml.js").exists()
+    for link in ("[gone](../notebooks/gone.ipynb)", "[anchor](../notebooks/README.md#nowhere)"):
+        bad = _build_site(tmp_path / f"bad{len(link)}", link)
+        assert bad.returncode != 0 and "xref_missing" in bad.stderr, (link, bad.stderr[-2000:])
+
+
 # ------------------------------------------------------------------------------------------------- student edition
 
 
