@@ -157,7 +157,7 @@ def test_site_page_loads_offline_with_its_maths_and_figures(browser, server, pag
         figures = [i for i in _images(browser) if "_images/" in i["src"]]
         source = nbformat.read(ROOT / page.replace(".html", ".ipynb"), as_version=4)
         pngs = sum("image/png" in o.get("data", {}) for c in source.cells for o in c.get("outputs", []))
-        assert len(figures) == pngs, f"{page}: {len(figures)} figures shown, the notebook has {pngs}"
+        assert len(figures) == pngs, f"{page}: {len(figures)} figures shown, the notebook has {pngs} (`make book`?)"
     broken = [i["src"] for i in _images(browser) if not (i["complete"] and i["width"] > 0)]
     assert not broken, f"{page}: images that did not load: {broken}"
     assert not _offsite(requests + _requests(browser), server), f"{page}: requests to other hosts"
