@@ -34,7 +34,9 @@ def test_notebook_matches_its_source_and_was_executed(src):
     def cells(nb):
         return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
 
-    assert cells(committed) == cells(built), f"{path.name} is out of step with notebooks/src/{src.name}: run `make notebooks`"
+    assert cells(committed) == cells(built), (
+        f"{path.name} is out of step with notebooks/src/{src.name}: run `make notebooks`"
+    )
     code = [c for c in committed.cells if c.cell_type == "code" and c.source.strip()]
     assert all(c.get("execution_count") for c in code), f"{path.name} has unexecuted cells: run `make notebooks`"
 
