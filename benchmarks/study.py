@@ -503,6 +503,8 @@ def resolved_config(kwargs: dict) -> dict:
     cfg = asdict(resolve(TrainConfig(**kwargs, out_dir="-", data_dir="-")))
     for k in ("out_dir", "data_dir", "overwrite"):  # where a run goes, not what it computes
         cfg.pop(k, None)
+    if cfg.get("tf32") is True:  # the default (TF32 matmuls on CUDA, no effect on the CPU): not part of the key
+        del cfg["tf32"]
     return cfg
 
 

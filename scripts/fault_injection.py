@@ -56,7 +56,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mars_ref.gpt import data  # noqa: E402
+from mars_ref.gpt import data, run_dir  # noqa: E402
 from mars_ref.gpt import train as T  # noqa: E402
 
 TINY = ["--preset", "cpu-mini", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -437,7 +437,7 @@ def bad_inputs(data_dir: Path, work: Path) -> list[Case]:
     run, new = work / "run", work / "new"
     corrupt, foreign = work / "corrupt", work / "foreign"
     a_file = work / "a-file"
-    read_only = lambda: patched(T.tempfile, "mkstemp", raising(OSError(errno.EROFS, os.strerror(errno.EROFS))))
+    read_only = lambda: patched(run_dir.tempfile, "mkstemp", raising(OSError(errno.EROFS, os.strerror(errno.EROFS))))
     adamw_nan = ["--optimizer", "adamw", "--lr", "1e30", "--min-lr", "0", "--max-iters", 6]
     return [
         *range_cases(data_dir, new),
@@ -453,7 +453,15 @@ def bad_inputs(data_dir: Path, work: Path) -> list[Case]:
         Case("--exact with AdamW", train_flags(data_dir, new, "--optimizer", "adamw", "--exact"), 2,
              "--exact is a MARS option"),
         Case("--step-impl with AdamW", train_flags(data_dir, new, "--optimizer", "adamw", "--step-impl", "fused"), 2,
-             "--step_impl is a MARS option"),
+             "--step-impl is a MARS option"),
+        Case("--gamma with Lion", train_flags(data_dir, new, "--optimizer", "lion", "--gamma", 0.1), 2,
+             "--gamma is a MARS option"),
+        Case("--step-impl fused on a GPU", train_flags(data_dir, new, "--step-impl", "fused", "--device", "cuda"), 2,
+             "--step-impl fused runs MARS's step as C loops on the CPU"),
+        Case("a micro-batch that cannot fit in memory", train_flags(data_dir, new, "--n-embd", 128, "--block-size",
+                                                                    128, "--batch-size", 1_000_000), 2,
+             "--batch-size 1000000 × --block-size 128 cannot fit"),
+        Case("out-dir empty", train_flags(data_dir, ""), 2, "--out-dir '' is empty"),
         Case("out-dir is a file", train_flags(data_dir, a_file), 2, f"--out-dir {a_file} is a file, not a directory"),
         Case("out-dir inside a file", train_flags(data_dir, a_file / "x"), 2, f"--out-dir {a_file / 'x'} cannot be "
              "written"),

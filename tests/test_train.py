@@ -179,7 +179,7 @@ def test_exact_is_refused_for_non_mars_optimizers(data_dir, tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["mars-adamw", "mars-lion"])
 def test_fast_mars_steps_train_as_the_readable_one(data_dir, tmp_path, optimizer):
-    """--step_impl foreach / fused: the same losses as the readable step (float32 rounding apart)."""
+    """--step-impl foreach / fused: the same losses as the readable step (float32 rounding apart)."""
     common = ["--optimizer", optimizer, "--max-iters", 8, "--log-interval", 1, "--eval-interval", 0]
     runs = {}
     for impl in ("readable", "foreach", "fused"):
@@ -190,7 +190,7 @@ def test_fast_mars_steps_train_as_the_readable_one(data_dir, tmp_path, optimizer
         diff = max(abs(runs["readable"][k] - runs[impl][k]) for k in runs["readable"])
         print(f"{optimizer} {impl} vs readable, max |Δ train loss| over 8 steps: {diff:.1e}")
         assert diff < 1e-5, (impl, diff)  # losses ≈ 3–4: a few float32 ulps
-    with pytest.raises(ValueError, match="step_impl is a MARS option"):
+    with pytest.raises(ValueError, match="step-impl is a MARS option"):
         run(flags(data_dir, tmp_path / "x", "--optimizer", "adamw", "--step-impl", "fused"))
 
 
@@ -378,7 +378,7 @@ def test_plot_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert "metrics.jsonl not found" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- reliability (issue 10)
+# ----------------------------------------------------------------------------- reliability
 
 
 def test_resume_applies_the_settings_it_may_change_and_config_json_says_what_ran(data_dir, tmp_path):

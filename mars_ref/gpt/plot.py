@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from .._io import write_atomic
 
 ESTIMATES = {"g": ("minibatch g", ":"), "c": ("corrected c", "--"), "m": ("momentum m", "-")}
 
@@ -188,24 +188,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
 
 
 def _save(fig, out: Path, fmt: str) -> None:
-    """``fig`` into ``out`` through a temporary file beside it, renamed once complete."""
-    tmp = None
+    """``fig`` into ``out`` through a temporary file beside it, renamed once complete (``_io.write_atomic``)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(f.fileno(), 0o666 & ~mask)  # mkstemp's 0600 -> what open() would have made
-            fig.savefig(f, format=fmt, dpi=110)
-        os.replace(tmp, out)
+        write_atomic(out, lambda f: fig.savefig(f, format=fmt, dpi=110))
     except OSError as e:
         raise PlotError(f"cannot write --out {out} ({e.strerror or e}): choose a writable place"
                         f"{'' if not out.exists() else '; the existing file is unchanged'}") from e
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
