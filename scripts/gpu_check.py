@@ -67,8 +67,11 @@ TOLERANCES = {"float32": 1e-5, "bfloat16_ulps": 4}
 EQUIV_STEPS = 10
 #: trainer losses: readable against foreach over the first steps, and a resumed run against the uninterrupted one
 #: (float32 on the CPU reproduces to the bit; bf16 autocast and CUDA's atomics do not)
-LOSS_TOL = {"cpu": 1e-6, "cuda": 2e-2}
+LOSS_TOL = {"cpu": 1e-5, "cuda": 2e-2}
 MB = 2**20
+#: trainer --compile: the optimizer step's frames recompile once each at the first change of step count and lr (4
+#: on the CPU at toy size), the model perhaps once; a recompilation per step would be dozens, or hit dynamo's limit
+MAX_RECOMPILES = 6
 
 
 # ----------------------------------------------------------------------------- parts, outcomes and the budget
@@ -122,9 +125,13 @@ def run_parts(parts: list[Part], ctx, total: float, selected: set[str] | None = 
     """Run ``parts`` in order, each only if its budget fits in what is left of ``total``; one ``Outcome`` each."""
     start = clock()
     outcomes = []
+    interrupted = False
     for part in parts:
         budget = part.dry_budget if getattr(ctx, "dry", False) else part.budget
         elapsed = clock() - start
+        if interrupted:
+            outcomes.append(Outcome(part.name, "skipped", reason="interrupted", detail="after Ctrl-C"))
+            continue
         if selected is not None and part.name not in selected:
             outcomes.append(Outcome(part.name, "skipped", reason="not-selected", detail="not in --only / in --skip"))
             continue
@@ -143,6 +150,9 @@ def run_parts(parts: list[Part], ctx, total: float, selected: set[str] | None = 
             out = Outcome(part.name, "skipped", reason=e.reason, detail=e.detail)
         except Failed as e:
             out = Outcome(part.name, "fail", numbers=e.numbers, detail=str(e))
+        except KeyboardInterrupt:  # Ctrl-C: this part failed, the rest are skipped, the table is still written
+            out = Outcome(part.name, "fail", detail="interrupted (Ctrl-C)")
+            interrupted = True
         except Exception as e:  # a part that breaks is a failed part; the others still run
             traceback.print_exc()
             out = Outcome(part.name, "fail", detail=f"{type(e).__name__}: {e}".splitlines()[0][:300])
@@ -152,11 +162,13 @@ def run_parts(parts: list[Part], ctx, total: float, selected: set[str] | None = 
     return outcomes
 
 
+SKIP_TEXT = {"no-cuda": "no CUDA", "needs-2-gpus": "needs 2 GPUs", "not-selected": "not selected"}
+
+
 def status_text(o: Outcome) -> str:
     if o.status != "skipped":
         return o.status
-    return {"no-cuda": "skipped: no CUDA", "needs-2-gpus": "skipped: needs 2 GPUs", "budget": "skipped: budget",
-            "not-selected": "skipped: not selected"}.get(o.reason, f"skipped: {o.reason}")
+    return f"skipped: {SKIP_TEXT.get(o.reason, o.reason)}"
 
 
 def numbers_text(numbers: dict) -> str:
@@ -237,7 +249,12 @@ def part_environment(ctx: Ctx) -> dict:
         print("   no CUDA: this is a dry run on the CPU at toy size; it verifies no GPU path")
     elif not env.get("bf16_native"):
         print("   warning: bf16 is emulated on this GPU (compute capability below 8.0): bf16 autocast is slow here")
-    return {"torch": torch.__version__, "cuda": env["cuda_version"] or "none", "gpus": env["gpu_count"]}
+    numbers = {"torch": torch.__version__, "cuda": env["cuda_version"] or "none", "gpus": env["gpu_count"]}
+    if env["cuda_available"]:
+        numbers.update({"gpu": env["gpu_name"], "compute capability": env["compute_capability"],
+                        "bf16": "native" if env["bf16_native"] else "emulated only",
+                        "tf32 matmul": env["tf32_matmul"], "memory GB": env["gpu_memory_gb"]})
+    return numbers
 
 
 def environment() -> dict:
@@ -246,9 +263,9 @@ def environment() -> dict:
     env = {"torch_version": torch.__version__, "cuda_version": torch.version.cuda,
            "cuda_available": torch.cuda.is_available(), "gpu_count": torch.cuda.device_count() if
            torch.cuda.is_available() else 0, "python": sys.version.split()[0],
-           "float32_matmul_precision": torch.get_float32_matmul_precision(),
-           "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-           "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32)}
+           "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
+           "tf32_matmul": _read(lambda: bool(torch.backends.cuda.matmul.allow_tf32)),
+           "tf32_cudnn": _read(lambda: bool(torch.backends.cudnn.allow_tf32))}
     if env["cuda_available"]:
         props = torch.cuda.get_device_properties(0)
         env.update(gpu_name=torch.cuda.get_device_name(0), compute_capability=".".join(
@@ -257,6 +274,16 @@ def environment() -> dict:
                    bf16_native=torch.cuda.is_bf16_supported(including_emulation=False),
                    cudnn_version=torch.backends.cudnn.version())
     return env
+
+
+def _read(get):
+    """A setting as torch reports it, or the error's name if this version of torch does not (quietly)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get()
+    except Exception as e:  # a setting this version of torch does not have
+        return type(e).__name__
 
 
 def _equiv_params(device, dtype, seed=0):
@@ -587,6 +614,7 @@ def run_trainers(ctx: Ctx, jobs: list[tuple[str, dict, dict]]) -> list[TrainerRu
     mars_ref.gpt.train``, e.g. torchrun), ``env``, ``interrupt_at`` (send SIGINT once metrics.jsonl has a train
     record of that step or later), ``fresh`` (False: keep the run directory, to resume). A flag of
     ``OPTIONAL_FLAGS`` the trainer does not know is dropped (and noted) and that run retried once."""
+    _free_cuda_cache()  # what this process's earlier parts left cached is the trainers' to use
     runs = []
     for name, flags, kw in jobs:
         out_dir = ctx.workdir / "runs" / name
@@ -612,6 +640,13 @@ def run_trainers(ctx: Ctx, jobs: list[tuple[str, dict, dict]]) -> list[TrainerRu
     return runs
 
 
+def _free_cuda_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def _start(ctx: Ctx, run: TrainerRun):
     logs = ctx.workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -626,10 +661,29 @@ def _start(ctx: Ctx, run: TrainerRun):
     run.logs = (open(logs / f"{run.name}.out", "w+"), open(logs / f"{run.name}.err", "w+"))
     run.t0 = time.perf_counter()
     # SIGINT at its default in the child, even when this process runs with it ignored
+    # (and in a session of its own: on a timeout its whole process group, torchrun's workers included, is stopped)
     run.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=run.logs[0], stderr=run.logs[1],
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                                start_new_session=True)
     run.interrupted = False
     return run
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Wait for a child started by ``_start``; if it still runs, SIGTERM its process group (torchrun's workers get
+    the chance to checkpoint), then SIGKILL it after 15 s."""
+    if proc.poll() is None:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    proc.wait()
 
 
 def _wait(ctx: Ctx, runs: list[TrainerRun]) -> None:
@@ -648,9 +702,7 @@ def _wait(ctx: Ctx, runs: list[TrainerRun]) -> None:
             time.sleep(0.02)
     finally:
         for r in runs:
-            if r.proc.poll() is None:
-                r.proc.kill()
-            r.proc.wait()
+            _stop(r.proc)
             r.returncode, r.seconds = r.proc.returncode, time.perf_counter() - r.t0
             for f in r.logs:
                 f.seek(0)
@@ -790,6 +842,8 @@ def part_trainer_gpt2_small(ctx: Ctx) -> dict:
 def part_trainer_sigint_resume(ctx: Ctx) -> dict:
     flags = lab_flags(ctx, ctx.lab_steps)
     first = run_trainer(ctx, "sigint", flags, interrupt_at=ctx.log_interval)
+    if first.returncode == 0:  # all steps done before the signal landed (a busy machine, a fast GPU): once more
+        first = run_trainer(ctx, "sigint", flags, interrupt_at=ctx.log_interval)
     numbers = {"exit status after SIGINT": first.returncode}
     if first.returncode != 128 + signal.SIGINT:
         raise Failed(f"SIGINT: exit status {first.returncode}, not 130 (finished before the signal: "
@@ -817,13 +871,18 @@ def part_trainer_compile(ctx: Ctx) -> dict:
     run = run_trainer(ctx, "compile", lab_flags(ctx, steps, **{"--compile": True}),
                       env={"TORCH_LOGS": "recompiles"})
     check_finished(run, steps, "--compile")
-    recompiles = len(re.findall(r"Recompiling function", run.stderr))
-    numbers = {"steps": steps, "recompilations": recompiles, **throughput(run), "seconds in trainer": run.seconds}
-    reasons = sorted(set(re.findall(r"triggered by the following guard failure\(s\):\s*\n\s*-\s*(.*)", run.stderr)))
+    recompiled = re.findall(r"Recompiling function (\S+)", run.stderr)
+    numbers = {"steps": steps, "recompilations": len(recompiled), **throughput(run), "seconds in trainer": run.seconds}
+    if recompiled:
+        numbers["recompiled"] = " ".join(sorted(set(recompiled)))
+    reasons = sorted(set(re.findall(r"guard failure\(s\):\s*\n[^\n]*?- (.*)", run.stderr)))
     if reasons:
         numbers["first guard failures"] = "; ".join(r.strip()[:80] for r in reasons[:2])
-    if recompiles > 2:  # the step's first change of step count and lr may recompile once, for model and step each
-        raise Failed(f"{recompiles} recompilations in {steps} steps", numbers)
+    limit = re.search(r"(cache_size_limit|recompile_limit)", run.stderr)
+    if len(recompiled) > MAX_RECOMPILES or limit:
+        raise Failed(f"{len(recompiled)} recompilations in {steps} steps (at most {MAX_RECOMPILES} expected)"
+                     + (f"; dynamo's {limit.group(1)} reached: a function falls back to eager" if limit else ""),
+                     numbers)
     return numbers
 
 
@@ -841,17 +900,17 @@ def part_torchrun(ctx: Ctx) -> dict:
 PARTS = [
     Part("environment", 5, 5, part_environment),
     Part("cuda-tests", 45, 2, None),  # set below: it needs the argument parser's pytest options
-    Part("step-equivalence", 60, 10, part_step_equivalence),
+    Part("step-equivalence", 90, 10, part_step_equivalence),
     Part("compiled-step-graphs", 45, 10, part_compiled_step_graphs),
     Part("bf16-autocast", 15, 10, part_bf16_autocast),
     Part("gpt2-small-throughput", 140, 15, part_gpt2_small_throughput),
     Part("trainer-gpu-lab", 45, 20, part_trainer_gpu_lab),
     Part("trainer-step-impls", 45, 25, part_trainer_step_impls),
     Part("trainer-fused-refused", 15, 10, part_trainer_fused_refused),
-    Part("trainer-gpt2-small", 60, 15, part_trainer_gpt2_small),
+    Part("trainer-gpt2-small", 75, 15, part_trainer_gpt2_small),
     Part("trainer-sigint-resume", 45, 25, part_trainer_sigint_resume),
-    Part("trainer-compile", 90, 10, part_trainer_compile),
-    Part("torchrun-2gpu", 40, 10, part_torchrun),
+    Part("trainer-compile", 120, 10, part_trainer_compile),
+    Part("torchrun-2gpu", 60, 10, part_torchrun),
 ]
 PART_NAMES = [p.name for p in PARTS]
 TEST_FILES = ["tests/test_optimizer.py", "tests/test_foreach.py", "tests/test_fused.py"]
