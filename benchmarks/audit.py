@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(1, str(ROOT))
 
-from mars_ref import MARS, chain, pieces  # noqa: E402
+from mars_ref import MARS, pieces  # noqa: E402
 
 DTYPE = torch.float64
 #: two results agree when they differ by less than this, relative to the update (float64 rounding is ~1e-15)
@@ -190,7 +190,7 @@ class Emulation(torch.optim.Optimizer):
         g = st.pop("g_eff")
         b1, b2 = h.betas if ch.fallback == "group betas" else h.betas_1d
         lam = h.weight_decay if ch.fallback == "group wd" else h.weight_decay_1d
-        lr = chain.fallback_lr(h.lr, h.lr_1d, h.lr)
+        lr = pieces.fallback_lr(h.lr, h.lr_1d, h.lr)
         st["m"].copy_(pieces.momentum(st["m"], g, b1))
         st["v"].copy_(pieces.second_moment(st["v"], g, b2))
         u = _direction(st["m"], st["v"], t, b1, b2, h.eps, ch)
@@ -207,14 +207,14 @@ def _on_path(p: Tensor, ch: Chain) -> bool:
 
 
 def _clip_factors(cs: list[Tensor | None], first: list[bool], ch: Chain) -> list[Tensor | None]:
-    """The clip factor of each ``c_t`` (None: not clipped), as :func:`mars_ref.chain.clip_factors` makes them;
+    """The clip factor of each ``c_t`` (None: not clipped), as :func:`mars_ref.pieces.clip_factors` makes them;
     ``first[i]``: it is tensor i's first step."""
     clipped = [i for i, c in enumerate(cs) if c is not None and (ch.clip_first or not first[i])]
     factors: list[Tensor | None] = [None] * len(cs)
     if ch.clip == "none" or not clipped:
         return factors
     norms = [torch.linalg.vector_norm(cs[i]) for i in clipped]
-    for i, f in zip(clipped, chain.clip_factors(norms, ch.clip, ch.tau), strict=True):
+    for i, f in zip(clipped, pieces.clip_factors(norms, ch.clip, ch.tau), strict=True):
         factors[i] = f.to(cs[i].dtype)
     return factors
 

@@ -23,8 +23,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .chain import fallback_lr
-from .pieces import adamw_direction, decoupled_step, momentum, newton_schulz, second_moment
+from .pieces import adamw_direction, decoupled_step, fallback_lr, momentum, newton_schulz, second_moment
 
 # ---------------------------------------------------------------------------------------------- the checks
 
@@ -342,7 +341,7 @@ class Muon(_Checked):
             x_new = p.mul(1.0 - group["lr"] * group["weight_decay"]).add_(u, alpha=-lr)
             return ({"momentum_buffer": b, "the parameter": x_new},
                     {"the Nesterov momentum M": M, f"the Frobenius norm of M in {dtype}": norm})
-        #   the AdamW fallback, as MARS's (mars_ref.chain.adamw_update): lr · lr_1d / base_lr
+        #   the AdamW fallback, as MARS's (mars_ref.optimizer.adamw_update): lr · lr_1d / base_lr
         beta1, beta2 = group["betas_1d"]
         step = state.get("step", 0) + 1
         m, v = state.get("m"), state.get("v")

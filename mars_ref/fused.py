@@ -50,8 +50,6 @@ import torch
 from torch import Tensor
 
 from ._io import cache_dir
-from .chain import Settings, Tensors
-from .pieces import correction_scale
 
 SOURCE = Path(__file__).with_name("fused.c")
 #: compiler flags, best first: the first set that compiles is used
@@ -146,27 +144,18 @@ def _ptr(t: Tensor | None):
 # ---------------------------------------------------------------------------------------- checks
 
 
-def check_settings(preconditioner: str, where: str) -> None:
-    """Refuse what the C step does not compute (called when a fused group is added)."""
-    if preconditioner not in PRECONDITIONERS:
-        raise ValueError(
-            f"MARS: fused=True{where} takes preconditioner 'adamw' or 'lion', not {preconditioner!r}: "
-            "the steps of MARS-Shampoo and MARS-M are Newton–Schulz matrix products; use foreach=True."
-        )
-
-
-def check_tensors(t: Tensors, where: str) -> None:
+def check_tensors(lists) -> None:
     """Refuse tensors the C loops cannot read: every parameter, gradient and state tensor must be a
     contiguous float32 CPU tensor of its parameter's size (the kernel trusts ``numel``)."""
-    for i, p in enumerate(t.params):
-        for key, x in (("parameter", p), ("gradient", t.grads[i]), ("g_prev", t.prev_grads[i]),
-                       ("m", t.exp_avgs[i]), ("v", t.exp_avg_sqs[i]), ("x_prev", t.prev_params[i])):
+    for i, p in enumerate(lists.params):
+        for key, x in (("parameter", p), ("gradient", lists.grads[i]), ("g_prev", lists.g_prevs[i]),
+                       ("m", lists.ms[i]), ("v", lists.vs[i]), ("x_prev", lists.x_prevs[i])):
             if x is None:
                 continue
             if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or x.shape != p.shape:
                 raise RuntimeError(
                     f"MARS(fused=True) runs a CPU float32 kernel on contiguous tensors (mars_ref/fused.c); "
-                    f"{t.names[i]}{where} (shape {tuple(p.shape)}) has a {key} that is a {x.device.type} {x.dtype} "
+                    f"{lists.names[i]} (shape {tuple(p.shape)}) has a {key} that is a {x.device.type} {x.dtype} "
                     f"tensor of shape {tuple(x.shape)}{'' if x.is_contiguous() else ', not contiguous'}: "
                     "use foreach=True."
                 )
@@ -175,40 +164,39 @@ def check_tensors(t: Tensors, where: str) -> None:
 # ---------------------------------------------------------------------------------------- the step
 
 
-def correction_norms(t: Tensors, s: Settings) -> list[Tensor]:
+def correction_norms(lists, k: float) -> list[Tensor]:
     """Pass 1 (``mars_sumsq``): ``‖c_t‖`` of each tensor on the MARS path, ``‖g_t‖`` of each fallback tensor,
     as float64 0-d tensors (the C loop sums in float within blocks and in double across them)."""
     lib, _ = library()
     threads = torch.get_num_threads()
-    scale = correction_scale(s.gamma, s.beta1)
     norms = []
-    for g, gp, branch in zip(t.grads, t.prev_grads, t.branches, strict=True):
+    for g, gp, branch in zip(lists.grads, lists.g_prevs, lists.branches, strict=True):
         # Σ c², c = g + k·(g − g_prev): g_prev = NULL is zero; the fallback has no correction (k = 0)
-        k = 0.0 if branch == "fallback" else scale
-        total = lib.mars_sumsq(_ptr(g), _ptr(None if branch == "fallback" else gp), k, g.numel(), threads)
+        k_ = 0.0 if branch == "fallback" else k
+        total = lib.mars_sumsq(_ptr(g), _ptr(None if branch == "fallback" else gp), k_, g.numel(), threads)
         norms.append(math.sqrt(total) if total >= 0 else math.nan)
     return list(torch.tensor(norms, dtype=torch.float64).unbind())
 
 
-def step(t: Tensors, s: Settings, clip: list[Tensor]) -> None:
+def step(lists, h, clip: list[Tensor]) -> None:
     """Pass 2 (``mars_adamw`` / ``mars_lion``): correction, clip, m_t (and v_t), u_t, x_{t+1}, then
     g_prev ← g_t (approx) or x_prev ← x_t (exact), one loop per tensor."""
     lib, _ = library()
     threads = torch.get_num_threads()
-    scale = correction_scale(s.gamma, s.beta1)
     clip = torch.stack(clip).tolist() if clip else []  # one host list, not one .item() per tensor
-    for i, x in enumerate(t.params):
-        g, gp, m, v, x_prev, n = t.grads[i], t.prev_grads[i], t.exp_avgs[i], t.exp_avg_sqs[i], t.prev_params[i], \
+    lr, lr_1d = float(h.lr), float(h.fallback_lr)  # CPU only: reading a tensor lr costs no device wait
+    for i, x in enumerate(lists.params):
+        g, gp, m, v, x_prev, n = lists.grads[i], lists.g_prevs[i], lists.ms[i], lists.vs[i], lists.x_prevs[i], \
             x.numel()
-        bc1, sqrt_bc2 = 1.0 - s.beta1 ** t.steps[i], math.sqrt(1.0 - s.beta2 ** t.steps[i])
-        if t.branches[i] == "lion":
-            lib.mars_lion(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), n, scale, clip[i],
-                          s.beta1, s.lr, s.weight_decay, threads)
-        elif t.branches[i] == "adamw":
-            lib.mars_adamw(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), _ptr(v), n, scale,
-                           clip[i], s.beta1, s.beta2, s.lr, s.weight_decay, s.eps, bc1, sqrt_bc2, threads)
+        t = lists.steps[i]
+        bc1, sqrt_bc2 = 1.0 - h.beta1 ** t, math.sqrt(1.0 - h.beta2 ** t)
+        if lists.branches[i] == "lion":
+            lib.mars_lion(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), n, h.k, clip[i],
+                          h.beta1, lr, h.weight_decay, threads)
+        elif lists.branches[i] == "adamw":
+            lib.mars_adamw(_ptr(x), _ptr(g), _ptr(gp), _ptr(x_prev), _ptr(m), _ptr(v), n, h.k,
+                           clip[i], h.beta1, h.beta2, lr, h.weight_decay, h.eps, bc1, sqrt_bc2, threads)
         else:  # the AdamW fallback on the raw g_t: the same loop with k = 0, no clip, no g_prev
-            b1, b2 = s.beta1_1d, s.beta2_1d
-            lib.mars_adamw(_ptr(x), _ptr(g), None, _ptr(x_prev), _ptr(m), _ptr(v), n, 0.0, 1.0, b1, b2, s.lr_1d,
-                           s.weight_decay_1d, s.eps, 1.0 - b1 ** t.steps[i], math.sqrt(1.0 - b2 ** t.steps[i]),
-                           threads)
+            b1, b2 = h.beta1_1d, h.beta2_1d
+            lib.mars_adamw(_ptr(x), _ptr(g), None, _ptr(x_prev), _ptr(m), _ptr(v), n, 0.0, 1.0, b1, b2, lr_1d,
+                           h.weight_decay_1d, h.eps, 1.0 - b1 ** t, math.sqrt(1.0 - b2 ** t), threads)

@@ -86,6 +86,25 @@ def global_norm(norms: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.double() for n in norms]), dim=0)
 
 
+def clip_factors(norms: Sequence[Tensor], clip: str, max_norm: float) -> list[Tensor]:
+    r"""The factor each ``c_i`` is multiplied by, from the norms ``‖c_i‖`` of the tensors clipped together.
+
+    ``"tensor"``: ``min(1, τ/‖c_i‖)`` (the authors' rule); ``"global"``: ``min(1, τ/‖(c_1, …, c_n)‖)``, one
+    factor for all (float64); ``"none"``: 1. Elementwise over any leading dimensions of the norms (the toys
+    clip one run per row).
+    """
+    if clip == "tensor":
+        if len({(n.device, n.dtype, n.shape) for n in norms}) == 1:  # one kernel for all (same numbers)
+            return list(clip_factor(torch.stack(list(norms)), max_norm).unbind())
+        return [clip_factor(n, max_norm) for n in norms]
+    if clip == "global":
+        shared = clip_factor(global_norm(norms), max_norm) if norms else None
+        return [shared for _ in norms]
+    if clip == "none":
+        return [torch.ones_like(n) for n in norms]
+    raise ValueError(f"clip must be one of ('tensor', 'global', 'none'), not {clip!r}")
+
+
 def clip_by_norm(c: Tensor, max_norm: float = 1.0) -> Tensor:
     r"""Clip one tensor by its own Euclidean norm (the authors' rule, ``max_norm = 1``).
 
@@ -256,6 +275,15 @@ def muon_scale(shape: Sequence[int]) -> float:
     update about the RMS of an AdamW update (torch.optim.Muon's ``adjust_lr_fn="match_rms_adamw"``)."""
     rows, cols = shape[:2]
     return 0.2 * math.sqrt(max(rows, cols))
+
+
+def fallback_lr(lr, lr_1d: float, base_lr: float):
+    r"""The learning rate of the AdamW fallback:  .. math:: η · lr_{1d} / base\_lr
+
+    ``base_lr`` is the group's ``lr`` at construction, so a scheduler that scales ``lr`` scales the
+    fallback with it (the authors' rule); ``base_lr = 0`` gives ``lr``. ``lr`` may be a number or a 0-d tensor.
+    """
+    return lr * (lr_1d / base_lr) if base_lr > 0 else lr
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from unittest import mock
 import pytest
 import torch
 
-from mars_ref import chain, pieces
+from mars_ref import optimizer as mars_optimizer
+from mars_ref import pieces
 from mars_ref.optimizer import MARS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -101,7 +102,7 @@ class _MARSEpsBefore(MARS):
     """mars_ref mutated to add ε before the bias correction (pytorch-optimizer's and MARS-M's placement)."""
 
     def step(self, closure=None):
-        with mock.patch.object(chain, "adamw_direction", _eps_before):
+        with mock.patch.object(mars_optimizer, "adamw_direction", _eps_before):
             return super().step(closure)
 
 

@@ -190,11 +190,12 @@ def test_state_of_a_torch_optimizer_with_tensor_steps_loads():
 @pytest.mark.parametrize("clip", ["tensor", "global"])
 def test_the_three_implementations_agree_where_float32_squares_overflow(scale, clip):
     """‖c_t‖² overflows float32 above ~1.8e19; such a norm is taken again in float64 by every implementation, so
-    a gradient of 1e20 moves the parameters as it should (and the same on every path), not by 0 or by lr."""
+    a gradient of 1e20 moves the parameters as it should (and the same on every path), not by 0 or by lr. Every
+    tensor is on the MARS path (clipped): the fallback's unclipped squares are the next test's."""
     results = {}
     for impl, flags in IMPLS.items():
         ps = params()
-        opt = MARS(ps, lr=1e-2, clip=clip, **flags)
+        opt = MARS(ps, lr=1e-2, clip=clip, optimize_1d=True, **flags)
         for t in range(3):
             set_grads(ps, t, scale)
             opt.step()
@@ -203,8 +204,7 @@ def test_the_three_implementations_agree_where_float32_squares_overflow(scale, c
     for impl in ("foreach", "fused"):
         for a, b in zip(results["readable"], results[impl], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # against float64, every tensor on the MARS path (clipped c_t): the float32 step is the float64 one to rounding.
-    # (The AdamW fallback squares the raw g_t into v: beyond ~1.8e19 that is inf in float32, u_t = 0 there.)
+    # against float64: the float32 step is the float64 one to rounding.
     runs = []
     for dtype in (torch.float32, torch.float64):
         ps = params(dtype=dtype)
@@ -215,6 +215,36 @@ def test_the_three_implementations_agree_where_float32_squares_overflow(scale, c
         runs.append(ps)
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a.double(), b.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", ["fallback", "clip none", "first step", "c overflows"])
+def test_what_overflows_the_parameters_dtype_is_refused_changing_nothing(impl, case):
+    """A finite float32 gradient whose step would overflow float32 is refused before anything changes: the
+    fallback squares its raw g_t into v_t (|g| > 1.8e19 makes v_t inf for good), so does the AdamW branch with
+    clip="none", and c_t = g_t + k·(g_t − g_prev) itself overflows for g_t near the float32 maximum (a zero
+    gradient, then 3e38; or −3.3e38 at the first step)."""
+    ps = params()
+    kw = dict(clip="none") if case == "clip none" else {}
+    opt = MARS(ps, lr=1e-2, **kw, **IMPLS[impl])
+    if case in ("fallback", "clip none"):
+        set_grads(ps, 0, 1.0)
+        opt.step()
+        big = 3e19
+    else:
+        big = -3.3e38 if case == "first step" else 3e38
+        if case == "c overflows":
+            for p in ps:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+    which = 1 if case == "fallback" else 0  # params(): tensor 0 is 2-D (the MARS path), tensor 1 is 1-D
+    for i, p in enumerate(ps):
+        p.grad = torch.full_like(p, big if i == which else 0.5)
+    before = snapshot(opt, ps)
+    match = "overflows torch.float32" if case in ("first step", "c overflows") else "v_t would become inf"
+    with pytest.raises(FloatingPointError, match=rf"parameter group 0, parameter {which}.*{match}|{match}.*"):
+        opt.step()
+    assert unchanged(opt, ps, before)
 
 
 def test_a_gradient_beyond_float64_is_refused():
@@ -241,11 +271,15 @@ def test_float16_parameters(impl):
     set_grads(ps, 0, 300.0)
     with pytest.raises(ValueError, match=r"eps = 1e-08.*is 0 in torch.float16.*use eps >= 6.1"):
         opt.step()
-    opt = MARS(ps, lr=1e-2, eps=1e-4, **IMPLS[impl])
+    opt = MARS(ps, lr=1e-2, eps=1e-4, optimize_1d=True, **IMPLS[impl])
     for t in range(3):
         set_grads(ps, t, 1e4)  # ‖c‖ ≈ 1.475·1e4·√30 ≈ 8e4: beyond float16
         opt.step()
     assert all(torch.isfinite(p).all() for p in ps)
+    opt = MARS(ps, lr=1e-2, eps=1e-4, **IMPLS[impl])  # the 1-D tensors on the fallback square 1e4 unclipped
+    set_grads(ps, 0, 1e4)
+    with pytest.raises(FloatingPointError, match="past 256.*the largest torch.float16 whose square is finite"):
+        opt.step()
 
 
 # ------------------------------------------------------------------------------------ the torch.optim contract
@@ -396,9 +430,8 @@ def test_a_group_added_later_and_mixed_dtypes(impl):
     opt.step()
     assert opt.state[p16]["step"] == 1 and opt.state[p32]["step"] == 3
     assert all(v.dtype == p.dtype for p in (p32, p64, p16) for v in opt.state[p].values() if torch.is_tensor(v))
-    fused = MARS([p64], fused=True)
-    with pytest.raises(RuntimeError, match="CPU float32 kernel.*torch.float64.*use foreach=True"):
-        fused.step()
+    with pytest.raises(ValueError, match="CPU float32 tensors.*torch.float64 tensor: use foreach=True"):
+        MARS([p64], fused=True)
 
 
 def test_no_warning_and_no_error_for_parameters_without_gradients():

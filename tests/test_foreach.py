@@ -1,4 +1,4 @@
-"""The foreach step (``MARS(foreach=True)``, :mod:`mars_ref.foreach`) gives the readable step's parameters.
+"""The foreach step (``MARS(foreach=True)``, ``optimizer._multi_tensor_mars``) gives the readable step's parameters.
 
 Each test runs two optimizers side by side on two copies of the same parameters with the same
 gradients for 20 steps and compares. Tensors below ``foreach.WAVE_ELEMENTS`` go through the same float
@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import assert_same_state, exact_side_by_side, make_params, max_diff, run_side_by_side, set_grads
 
-from mars_ref import foreach
+from mars_ref import optimizer as foreach  # WAVE_ELEMENTS: the foreach step's wave size
 from mars_ref.optimizer import MARS
 
 ROOT = Path(__file__).resolve().parents[1]

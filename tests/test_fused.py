@@ -89,7 +89,7 @@ def test_state_dict_moves_between_paths():
             A, B = MARS(pa, **path, **kw), MARS(pb, **kw)
             A.load_state_dict(sb)
             B.load_state_dict(sa)
-            assert A.param_groups[0]["fused"] == (t == 7) and A.param_groups[0]["foreach"] == (t == 14)
+            assert A.param_groups[0]["fused"] == (t == 7) and bool(A.param_groups[0]["foreach"]) == (t == 14)
             assert not B.param_groups[0]["fused"] and not B.param_groups[0]["foreach"]
         set_grads([pa, pb], t, gen)
         A.step()
@@ -159,12 +159,15 @@ def test_bad_flags(kwargs, match):
         MARS([torch.zeros(2, 2, requires_grad=True)], **kwargs)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: torch.zeros(4, 3, dtype=torch.bfloat16, requires_grad=True),
-    lambda: torch.zeros(3, 4).t().requires_grad_(),  # not contiguous
-])
-def test_tensors_the_kernel_cannot_take_are_named(make):
-    p = make()
+def test_parameters_the_kernel_cannot_take_are_refused_at_construction():
+    p = torch.zeros(4, 3, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match=r"fused=True\) runs a C loop on CPU float32 tensors; parameter 1 \(parameter "
+                                         r"group 0\) is a cpu torch.bfloat16 tensor: use foreach=True"):
+        MARS([torch.zeros(2, 2, requires_grad=True), p], fused=True)
+
+
+def test_tensors_the_kernel_cannot_take_are_named():
+    p = torch.zeros(3, 4).t().requires_grad_()  # not contiguous: known only when the step reads it
     opt = MARS([torch.zeros(2, 2, requires_grad=True), p], fused=True)
     p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match=r"CPU float32 kernel.*parameter group 0, parameter 1 \(shape \(4, 3\)\)"
@@ -176,10 +179,8 @@ def test_tensors_the_kernel_cannot_take_are_named(make):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_tensors_are_refused_with_the_flag_to_use():
     p = torch.zeros(4, 3, device="cuda", requires_grad=True)
-    opt = MARS([p], fused=True)
-    p.grad = torch.ones_like(p)
-    with pytest.raises(RuntimeError, match="cuda.*use foreach=True"):
-        opt.step()
+    with pytest.raises(ValueError, match="cuda.*use foreach=True"):
+        MARS([p], fused=True)
 
 
 # ---------------------------------------------------------------------------------------- building

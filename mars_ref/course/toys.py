@@ -23,7 +23,7 @@ exact STORM / exact MARS.
 :func:`run` runs SGD, momentum, STORM or MARS-momentum on many seeds at once and records, per
 step and seed, ``F(x_t)``, ``‖∇F(x_t)‖²`` and the estimator's error ``‖d_t − ∇F(x_t)‖²``. It
 calls the pieces of :mod:`mars_ref.pieces` (``storm_estimator``, ``storm_correction``, ``momentum``)
-and the optimizer's own clip rule (:func:`mars_ref.chain.clip_factors`); it holds no formula of its own.
+and the optimizer's own clip rule (:func:`mars_ref.pieces.clip_factors`); it holds no formula of its own.
 
 Everything is float64 by default and deterministic given the generator's seed.
 """
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..chain import CLIP_MODES, clip_factors
-from ..pieces import momentum, storm_correction, storm_estimator
+from .._checks import CLIP_MODES
+from ..pieces import clip_factors, momentum, storm_correction, storm_estimator
 
 __all__ = ["TwoLayerRegression", "Noisy2D", "Run", "run", "METHODS"]
 
@@ -183,7 +183,7 @@ class Run:
 
 def _clip_rows(problem, c: Tensor, clip: str | None, max_norm: float) -> Tensor:
     """Clip every run's ``c`` (rows of a ``(seeds, dim)`` tensor) by the optimizer's rule
-    (:func:`mars_ref.chain.clip_factors`), the parts of ``problem.split`` taking the place of tensors."""
+    (:func:`mars_ref.pieces.clip_factors`), the parts of ``problem.split`` taking the place of tensors."""
     if clip is None or clip == "none":
         return c
     if clip not in CLIP_MODES:

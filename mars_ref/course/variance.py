@@ -23,9 +23,9 @@ current point ``x_t``, *before* the optimizer step, on the step's own gradient:
     fallback tensors: their own AdamW momentum).
 * ``c`` (MARS only): the corrected, clipped gradient
   ``c_t = clip(g_t + γ·β1/(1−β1)·(g_t − g_prev))``, recomputed here by the optimizer's own chain
-  (:func:`mars_ref.chain.corrected_gradients`: the same path, ``g_prev`` and clip decisions) from the
+  (:func:`mars_ref.optimizer.corrected_gradients`: the same path, ``g_prev`` and clip decisions) from the
   optimizer's stored ``g_prev`` (approx) or from ``∇f(x_{t−1}, ξ_t)`` evaluated here on the
-  step's batch at the stored previous point (exact, :func:`mars_ref.chain.at_previous_point`),
+  step's batch at the stored previous point (exact, :func:`mars_ref.optimizer.at_previous_point`),
   then global-norm clipped like the training closure. Tensors off the MARS path contribute their ``g_t``.
 
 How good is the held-out ``∇F`` itself? Also logged: ``full_grad_sq = ‖∇F̂‖²/n``,
@@ -58,7 +58,8 @@ import math
 import torch
 from torch import Tensor
 
-from .. import chain
+from .._exact import at_previous_point, rng_state, set_rng_state
+from ..optimizer import branch, corrected_gradients
 from ..pieces import momentum
 
 
@@ -111,7 +112,7 @@ class VarianceProbe:
         swapped = [p for p in self.params if "x_prev" in state.get(p, {})]
         if not swapped:
             return {}
-        with chain.at_previous_point(swapped, [state[p]["x_prev"] for p in swapped]):
+        with at_previous_point(swapped, [state[p]["x_prev"] for p in swapped]):
             grads = self._mean_gradient(step_batches)
         if clip > 0:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -162,22 +163,23 @@ class VarianceProbe:
         ms = [None] * len(self.params)
         index = {p: i for i, p in enumerate(self.params)}
         for group in self.optimizer.param_groups:
-            s = chain.Settings.of(group)
             ps = [p for p in group["params"] if p in index]
-            branches = [chain.branch(p, s.preconditioner, s.optimize_1d, s.fallback) for p in ps]
-            prev = [chain.previous_gradient(p, state.get(p, {}), b, s.exact, g_prev_exact)
-                    for p, b in zip(ps, branches, strict=True)]
-            t = chain.Tensors(ps, [grads[index[p]] for p in ps], prev, [], [], [], [], branches, [])
-            for p, b, c in zip(ps, branches, chain.corrected_gradients(t, s), strict=True):
+            beta1, beta1_1d = group["betas"][0], group["betas_1d"][0]
+            branches = [branch(p, group) for p in ps]
+            prev = [None if b == "fallback" else g_prev_exact.get(p) if group["exact"] else
+                    state.get(p, {}).get("g_prev") for p, b in zip(ps, branches, strict=True)]
+            corrected = corrected_gradients(self.optimizer, {**group, "params": ps}, [grads[index[p]] for p in ps],
+                                            prev)
+            for p, b, c in zip(ps, branches, corrected, strict=True):
                 i = index[p]
                 cs[i] = c
                 if b == "fallback":
-                    ms[i] = self._adamw_momentum(p, grads[i], s.beta1_1d, "m")
+                    ms[i] = self._adamw_momentum(p, grads[i], beta1_1d, "m")
                     continue
                 st = state.get(p, {})
                 step_t = st.get("step", 0) + 1
                 #   m̂_t = (β1·m_{t−1} + (1−β1)·c_t) / (1 − β1^t)
-                ms[i] = momentum(st.get("m", torch.zeros_like(p)), c, s.beta1) / (1.0 - s.beta1**step_t)
+                ms[i] = momentum(st.get("m", torch.zeros_like(p)), c, beta1) / (1.0 - beta1**step_t)
         return {"c": cs, "m": ms}
 
     # ------------------------------------------------------------------ the measurement
@@ -191,7 +193,7 @@ class VarianceProbe:
         the step's whole global batch, or a function returning it (only exact MARS needs it, for
         ``∇f(x_{t−1}, ξ_t)``).
         """
-        rng = chain.rng_state()
+        rng = rng_state()
         try:
             spread: dict = {}
             full = self._mean_gradient(self.held_out, spread)
@@ -216,7 +218,7 @@ class VarianceProbe:
             for name, est in {"g": raw, **self.estimates(step, clipped, g_prev)}.items():
                 record.update({f"{k}_{name}": v for k, v in compare(est, full).items()})
         finally:
-            chain.set_rng_state(rng)
+            set_rng_state(rng)
         return record
 
 

@@ -25,6 +25,7 @@
 # 2. a **2-D valley** (Rosenbrock type) with additive Gaussian gradient noise of chosen size $\sigma$.
 
 # %%
+import os
 import matplotlib.pyplot as plt
 import torch
 

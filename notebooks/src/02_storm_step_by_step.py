@@ -26,6 +26,8 @@
 #   gradient: one evaluation per step.
 
 # %%
+import os
+import mars_ref
 import matplotlib.pyplot as plt
 import torch
 

@@ -30,6 +30,8 @@
 # 3. `mars_ref.MARS` itself (AdamW preconditioner) on the finite sum with `clip="tensor"/"global"/"none"`.
 
 # %%
+import os
+import mars_ref
 import matplotlib.pyplot as plt
 import torch
 

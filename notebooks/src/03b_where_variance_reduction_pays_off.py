@@ -22,6 +22,10 @@
 # lets a larger step keep a lower noise floor.
 
 # %%
+import importlib.util
+import os
+from pathlib import Path
+import mars_ref
 import matplotlib.pyplot as plt
 import torch
 

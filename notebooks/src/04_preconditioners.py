@@ -23,6 +23,7 @@
 # the appendix notebook `07_appendix_porting.ipynb`: porting matters, not part of this lesson.
 
 # %%
+import mars_ref
 import matplotlib.pyplot as plt
 import torch
 from torch import nn

@@ -32,6 +32,8 @@
 # run (4× the training data, 2.5× the steps, 5 seeds; a few minutes).
 
 # %%
+import os
+import mars_ref
 import math
 
 import matplotlib.pyplot as plt

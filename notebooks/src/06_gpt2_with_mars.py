@@ -39,6 +39,7 @@
 # cells to the paper's GPT-2 small recipe on OpenWebText, for CUDA GPUs.
 
 # %%
+import mars_ref
 import contextlib
 import io
 import json
@@ -183,7 +184,7 @@ model = GPT(model_config(cfg_mars, meta))
 vocab = model.config.vocab_size
 opt = make_optimizer(model, cfg_mars, "cpu")
 group_of = {p: g for g in opt.param_groups for p in g["params"]}
-on_mars = {name: mars_ref.chain.branch(p, group_of[p]["preconditioner"], group_of[p]["optimize_1d"]) != "fallback"
+on_mars = {name: mars_ref.optimizer.branch(p, group_of[p]) != "fallback"
            for name, p in model.named_parameters()}  # the optimizer's own rule
 params = dict(model.named_parameters())
 print(f"{COMMON['preset']}: {cfg_mars.n_layer} layers, width {cfg_mars.n_embd}, {cfg_mars.n_head} heads, context "

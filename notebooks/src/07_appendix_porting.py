@@ -19,6 +19,8 @@
 # Notation: the [shared table](README.md#notation).
 
 # %%
+from pathlib import Path
+import mars_ref
 import json
 import math
 import textwrap
