@@ -1053,7 +1053,8 @@ def main(argv: list[str] | None = None) -> int:
     md, js = write_results(args.out or default_out(env, dry), env, outcomes, meta)
     print()
     print(table(outcomes))
-    print(f"\n{meta['mode']}: {meta['seconds']:.0f} s; written to {md} and {js}")
+    print(f"\n{meta['mode']}{'' if cuda else ' (no CUDA here: nothing above ran on a GPU)'}: {meta['seconds']:.0f} s; "
+          f"written to {md} and {js}")
     if args.keep or args.workdir:
         print(f"scratch directory (logs, runs): {workdir}")
     return 1 if any(o.status == "fail" for o in outcomes) else 0
