@@ -109,8 +109,8 @@ def magnitudes(group: dict, lr: float, fallback_lr: float, dtypes: set[torch.dty
             if not value <= largest:
                 raise ValueError(f"MARS: {name} = {value:g}{where} is larger than the largest {dtype} value "
                                  f"({largest:g}) of the parameters: a step would overflow to inf; use a smaller value")
-        eps = group["eps"]
-        if eps > 0 and float(torch.tensor(eps, dtype=dtype)) == 0.0:
+        eps, info = group["eps"], torch.finfo(dtype)
+        if 0 < eps <= info.tiny * info.eps / 2:  # rounds to 0 in the dtype (half its smallest subnormal, or less)
             raise ValueError(f"MARS: eps = {eps:g}{where} is 0 in {dtype} (the parameters' dtype): an element whose "
                              f"v_t underflows to 0 would divide by 0; use eps >= {torch.finfo(dtype).tiny:g} or "
                              "float32 parameters")
