@@ -92,6 +92,15 @@ ARMS = {
 }
 
 
+def gamma_arm(gamma: float) -> str:
+    """The arm of MARS-AdamW at ``gamma`` (γ = 0 is the recipe arm, γ = 0.025 the MARS arm)."""
+    return "recipe" if gamma == 0 else "mars" if gamma == GAMMA else f"g{gamma:g}"
+
+
+for _g in GAMMA_LR_GAMMAS:
+    ARMS.setdefault(gamma_arm(_g), (f"MARS-AdamW, γ = {_g:g}", "mars-adamw", _g, {}))
+
+
 @dataclass(frozen=True)
 class Run:
     """One training run of this study: a part, a point, an arm, an lr factor, a seed and extra config fields."""
@@ -226,8 +235,7 @@ class Correction:
                 plan.runs.extend(Run("beta2", point, arm, f, s, (("beta2", round(beta2, 6)),)) for s in SEEDS)
         # 4. γ × lr at the middle point
         for gamma in GAMMA_LR_GAMMAS:
-            arm = "recipe" if gamma == 0 else "mars" if gamma == GAMMA else f"g{gamma:g}"
-            ARMS.setdefault(arm, (f"MARS-AdamW, γ = {gamma:g}", "mars-adamw", gamma, {}))
+            arm = gamma_arm(gamma)
             plan.runs.extend(Run("gamma-lr", mid, arm, f, s) for s in GAMMA_LR_SEEDS for f in GAMMA_LR_FACTORS)
         return plan
 
