@@ -11,15 +11,28 @@ one of
 (:func:`verify` returns the same verdict with ``True`` or ``False``, for tests). Every check compares
 the answer with an *independent* computation (a linear solve, an enumeration, a simulation, the
 library's own optimizer), never with the formula the exercise asks for, so it cannot give the answer
-away. The reference solutions are in
-``notebooks/solutions/`` and ``tests/test_exercises_*.py`` checks that each one passes its check.
+away. Where an exercise asks for an idea (a closed form, a formula instead of an enumeration, a
+computation without the library function it explains), the check also uses inputs on which the
+shortcut fails: a size at which a loop or an enumeration cannot finish in time, a matrix on which the
+library function is inaccurate, or a guard that notices a call to the function being explained.
+
+The answer is called on copies of the check's inputs (an answer that changes its input in place
+cannot break the check), within a time limit (a minute, less where the point is to avoid a loop), and
+a failure of the check's own code is reported as such, not blamed on the answer. The reference
+solutions are in ``notebooks/solutions/`` and ``tests/test_exercises_*.py`` checks that each one passes
+its check.
 """
 
 from __future__ import annotations
 
+import copy
+import decimal
 import itertools
 import math
+import signal
 import statistics
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,10 +49,79 @@ class Wrong(AssertionError):
 class Exercise:
     name: str                          # the function the student writes
     verify: Callable[[Callable], str]  # raises Wrong (or NotImplementedError from the stub); returns what it checked
+    seconds: float = 60.0              # time limit of the whole check (answer and check together)
+
+
+class _AnswerFailed(Exception):
+    """The student's function raised ``error`` (any exception but ``NotImplementedError``)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+class _TimeUp(BaseException):  # not an Exception: neither the answer's nor the check's `except Exception` stops it
+    pass
+
+
+class _Answer:
+    """The student's function as a check calls it: on deep copies of the inputs, its exceptions marked as its own,
+    and, while ``forbidden`` names library functions, a record of whether it called one of them."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.forbidden: dict[str, Callable] = {}
+        self.called: set[str] = set()
+
+    def __call__(self, *args, **kwargs):
+        args, kwargs = copy.deepcopy((args, kwargs))
+        undo = self._guard()
+        try:
+            return self.fn(*args, **kwargs)
+        except (NotImplementedError, _TimeUp):
+            raise
+        except Exception as e:
+            raise _AnswerFailed(e) from e
+        finally:
+            for namespace, key, value in undo:
+                namespace[key] = value
+
+    def _guard(self) -> list:
+        """Replace each forbidden function, where the answer can reach it, by a wrapper that records the call."""
+        undo = []
+        for name, original in self.forbidden.items():
+            def tripwire(*a, _name=name, _original=original, **kw):
+                self.called.add(_name)
+                return _original(*a, **kw)
+            namespaces = [vars(module) for module in list(sys.modules.values())
+                          if module is not None and getattr(module, "__name__", "").startswith("mars_ref")]
+            namespaces.append(getattr(self.fn, "__globals__", {}))
+            for namespace in namespaces:
+                for key, value in list(namespace.items()):
+                    if value is original:
+                        undo.append((namespace, key, value))
+                        namespace[key] = tripwire
+        return undo
+
+
+def _number(value, what: str) -> float:
+    """``value`` as a float, or Wrong naming what came instead."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise Wrong(f"{what}: expected a number, got {type(value).__name__} ({e}).") from None
+
+
+def _tensor(value, what: str) -> torch.Tensor:
+    """``value`` as a float64 tensor, or Wrong naming what came instead."""
+    try:
+        return torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise Wrong(f"{what}: expected a tensor, got {type(value).__name__} ({e}).") from None
 
 
 def _close(got, expected, rel: float, what: str, abs_: float = 0.0) -> None:
-    got = float(got)
+    got = _number(got, what)
     if math.isinf(expected):
         if not math.isinf(got):
             raise Wrong(f"{what}: expected inf (no stationary state), got {got:.4g}.")
@@ -86,10 +168,35 @@ def _noise_without_replacement(answer) -> str:
         subsets = torch.tensor(list(itertools.combinations(range(problem.n), batch)))
         exact = (per_sample[subsets].mean(1) - full).square().sum(-1).mean().item()  # every subset, equally likely
         _close(answer(problem, x, batch), exact, 1e-8, f"N = 7, B = {batch} (all {len(subsets)} subsets)", 1e-15)
-    return "Equals the average over every subset of B distinct samples (N = 7, B = 1, 3, 6, 7)."
+    # N = 128: C(128, 32) ≈ 1e30 subsets, none of them enumerated. E‖mean_{i∈S} δ_i‖² from the probabilities that
+    # one index (B/N) and that two given indices (B(B−1)/(N(N−1))) are in S, over the Gram matrix of δ_i = ∇f_i − ∇F.
+    problem = TwoLayerRegression(seed=4)
+    x = problem.init(torch.Generator().manual_seed(5))
+    delta = problem.grad(x.expand(problem.n, -1), torch.arange(problem.n).unsqueeze(-1)) - problem.grad(x)
+    gram, n = delta @ delta.T, problem.n
+    for batch in (32, 64, 100):
+        pairs = gram.sum() - gram.trace()
+        exact = (batch / n * gram.trace() + batch * (batch - 1) / (n * (n - 1)) * pairs).item() / batch**2
+        _close(answer(problem, x, batch), exact, 1e-8, f"N = 128, B = {batch} (about 1e30 subsets or more)", 1e-15)
+    return ("Equals the average over every subset of B distinct samples: enumerated for N = 7, from the inclusion "
+            "probabilities for N = 128 (B = 32, 64, 100), where no enumeration finishes.")
 
 
 # ----------------------------------------------------------------------------------------------- notebook 02
+
+
+def _affine_power(a: float, sigma: float, dim: int, t: int) -> float:
+    """``E‖e_t‖²`` of ``E_s = (1−a)² E_{s−1} + a² dim σ²``, ``E_1 = dim σ²``: the affine map composed with itself
+    by repeated squaring (log₂ t compositions, no loop over t), in 60-digit decimals from the exact inputs."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        a, noise = decimal.Decimal(a), decimal.Decimal(sigma) ** 2 * dim
+        step, total, k = ((1 - a) ** 2, a**2 * noise), (decimal.Decimal(1), decimal.Decimal(0)), t - 1
+        while k:  # maps E ↦ q E + c as pairs (q, c); (q2, c2) after (q1, c1) is (q2 q1, q2 c1 + c2)
+            if k & 1:
+                total = (step[0] * total[0], step[0] * total[1] + step[1])
+            step, k = (step[0] * step[0], step[0] * step[1] + step[1]), k >> 1
+        return float(total[0] * noise + total[1])
 
 
 def _exact_storm_error_additive(answer) -> str:
@@ -100,22 +207,40 @@ def _exact_storm_error_additive(answer) -> str:
                 error = (1 - a) ** 2 * error + a**2 * dim * 0.7**2  # e_t = (1−a) e_{t−1} + a σ ξ_t
             if t in (1, 2, 5, 20, 200):
                 _close(answer(a, 0.7, t, dim), error, 1e-9, f"a = {a:g}, sigma = 0.7, t = {t}, dim = {dim}")
-    return "Matches the error recursion step by step (t = 1 ... 200), for three values of a."
+    for a, t in ((1e-6, 400_000), (2e-9, 300_000_000), (1e-9, 10**9)):  # slow decay: the closed form is needed
+        # (1e-6 relative: a float64 closed form carries about t·1e-16 of rounding in (1−a)^(2(t−1)))
+        _close(answer(a, 0.7, t, 2), _affine_power(a, 0.7, 2, t), 1e-6, f"a = {a:g}, sigma = 0.7, t = {t:,}, dim = 2")
+    return ("Matches the error recursion step by step (t = 1 ... 200) for three values of a, and at t up to 1e9, "
+            "where no loop over the steps finishes in time.")
 
 
 def _gamma_doubling_noise(answer) -> str:
-    from ..pieces import correction_scale
+    from ..optimizer import MARS
+    from ..pieces import storm_correction
 
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     for beta1 in (0.9, 0.95, 0.99):
-        k = correction_scale(float(answer(beta1)), beta1)
-        _close((1 + k) ** 2 + k**2, 2.0, 1e-9, f"beta1 = {beta1:g}: the noise ratio (1+k)^2 + k^2 at your gamma")
-    return "At your gamma the approx correction doubles the noise variance, for beta1 = 0.9, 0.95, 0.99."
+        gamma = _number(answer(beta1), f"beta1 = {beta1:g}")
+        if not (math.isfinite(gamma) and gamma >= 0):
+            raise Wrong(f"beta1 = {beta1:g}: gamma = {gamma:g} solves the equation, but MARS refuses it (gamma must be "
+                        ">= 0 and finite): take the other root.")
+        try:
+            MARS([torch.zeros(2, 2, requires_grad=True)], gamma=gamma, betas=(beta1, 0.99))
+        except ValueError as e:
+            raise Wrong(f"beta1 = {beta1:g}: MARS refuses gamma = {gamma:g}: {e}") from None
+        # c_t = (1+k) g_t − k g_{t−1}: with independent noise of equal variance, the variance ratio is the sum of the
+        # squared coefficients, read off the library's own storm_correction
+        ratio = sum(storm_correction(g, g_prev, gamma, beta1).item() ** 2 for g, g_prev in ((one, zero), (zero, one)))
+        _close(ratio, 2.0, 1e-9, f"beta1 = {beta1:g}: the noise ratio of c_t at your gamma = {gamma:g}")
+    return ("At your gamma (one MARS accepts) the approx correction doubles the noise variance, for beta1 = 0.9, "
+            "0.95, 0.99.")
 
 
 # ----------------------------------------------------------------------------------------------- notebook 03
 
 
 def _max_step_norm(answer) -> str:
+    from ..pieces import clip_by_global_norm, clip_by_norm
     from .toys import TwoLayerRegression, run
 
     problem = TwoLayerRegression(n=32, d_in=4, hidden=6, batch=2)
@@ -123,15 +248,29 @@ def _max_step_norm(answer) -> str:
         r = run(problem, "mars-exact", lr=0.3, steps=60, seeds=8, beta=0.5, gamma=1.0, clip=clip, max_norm=0.05,
                 keep_path=True)
         longest = (r.path[1:] - r.path[:-1]).norm(dim=-1).max().item()
-        bound = float(answer(0.3, 0.05, 2, clip))
+        bound = _number(answer(0.3, 0.05, 2, clip), f"clip = {clip!r}")
         if not longest <= bound * (1 + 1e-12):
             raise Wrong(f"clip = {clip!r}: a step of length {longest:.4g} exceeds your bound {bound:.4g}.")
-        if not longest > 0.5 * bound:
-            raise Wrong(f"clip = {clip!r}: your bound {bound:.4g} holds but is loose (longest step {longest:.4g}).")
+    # The bound must be the least one. m_t is an average of c_1..c_t, so a constant c_t makes ‖m_t‖ → ‖c‖: the
+    # supremum is η times the longest clipped c, here every tensor far above τ, clipped by the library's own rules.
+    gen = torch.Generator().manual_seed(11)
+    for n_tensors in (1, 2, 3, 5, 8):
+        parts = [torch.randn(4, 3, generator=gen, dtype=torch.float64) * 50 for _ in range(n_tensors)]
+        longest = {"tensor": torch.cat([clip_by_norm(p, 0.05).flatten() for p in parts]).norm().item(),
+                   "global": torch.cat([p.flatten() for p in clip_by_global_norm(parts, 0.05)]).norm().item()}
+        for clip, length in longest.items():
+            bound = _number(answer(0.3, 0.05, n_tensors, clip), f"clip = {clip!r}, {n_tensors} tensors")
+            if bound > 0.3 * length * (1 + 1e-9):
+                raise Wrong(f"clip = {clip!r}, {n_tensors} tensors, lr = 0.3, tau = 0.05: your bound {bound:.6g} "
+                            f"holds but is not the least one: a constant c_t reaches {0.3 * length:.6g}.")
+            _close(bound, 0.3 * length, 1e-9, f"clip = {clip!r}, {n_tensors} tensors, lr = 0.3, tau = 0.05")
     try:
         answer(0.3, 0.05, 2, "none")
-    except ValueError:
-        return "Both bounds hold on 60 steps of 8 runs and are nearly reached; clip='none' raises ValueError."
+    except _AnswerFailed as e:
+        if isinstance(e.error, ValueError):
+            return ("Both bounds hold on 60 steps of 8 runs and are the least ones (reached by a constant clipped c_t, "
+                    "for 1 to 8 tensors); clip='none' raises ValueError.")
+        raise
     raise Wrong("clip = 'none' has no bound: raise ValueError.")
 
 
@@ -166,19 +305,24 @@ def _storm_floor_ratio(answer) -> str:
 
 
 def _ns_singular_values(answer) -> str:
-    from ..pieces import newton_schulz
+    from .. import pieces
 
+    answer.forbidden = {"newton_schulz": pieces.newton_schulz}  # the function the exercise explains
     for shape in ((40, 40), (64, 24), (24, 64)):
         gen = torch.Generator().manual_seed(shape[0])
         M = torch.randn(*shape, generator=gen, dtype=torch.float64) @ torch.diag(
             torch.logspace(0, -3, shape[1], dtype=torch.float64))
         for steps in (1, 3, 5):
-            expected = torch.linalg.svdvals(newton_schulz(M, steps, dtype=torch.float64))
-            got = torch.as_tensor(answer(M, steps), dtype=torch.float64).flatten().sort(descending=True).values
+            expected = torch.linalg.svdvals(pieces.newton_schulz(M, steps, dtype=torch.float64))
+            got = _tensor(answer(M, steps), f"shape {shape}, {steps} steps").flatten().sort(descending=True).values
+            if answer.called:
+                raise Wrong("your function calls newton_schulz, the iteration this exercise asks you to do without: "
+                            "apply the scalar polynomial p(s) to the normalised singular values of M instead.")
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-9, atol=1e-12):
                 raise Wrong(f"shape {shape}, {steps} steps: expected singular values starting "
                             f"{expected[:3].tolist()}, got {got[:3].tolist()}.")
-    return "Equal to the singular values of newton_schulz(M, steps) in float64 (3 shapes x 1, 3, 5 steps)."
+    return ("Equal to the singular values of newton_schulz(M, steps) in float64 (3 shapes x 1, 3, 5 steps), without "
+            "calling it.")
 
 
 def _damped_one_step_shampoo(answer) -> str:
@@ -189,10 +333,30 @@ def _damped_one_step_shampoo(answer) -> str:
         M = torch.randn(*shape, generator=gen, dtype=torch.float64)
         for eps in (1e-3, 1.0, 30.0):
             expected = shampoo_direction(M @ M.T, M.T @ M, M, eps)
-            got = torch.as_tensor(answer(M, eps), dtype=torch.float64)
+            got = _tensor(answer(M, eps), f"shape {shape}, eps = {eps:g}")
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-7, atol=1e-9):
                 raise Wrong(f"shape {shape}, eps = {eps:g}: differs from shampoo_direction(M Mᵀ, MᵀM, M, eps).")
-    return "Equal to full Shampoo's L^-1/4 M R^-1/4 with damping, for 3 shapes and 3 values of eps."
+    # An ill-conditioned M (singular values 1 ... 1e-9) built from known orthonormal factors, and an eps far below
+    # round-off of M Mᵀ: forming M Mᵀ squares the condition number and loses the weak directions (shampoo_direction
+    # is off by O(1) there), while one SVD of M keeps them.
+    for shape in ((24, 24), (40, 16), (16, 40)):
+        r = min(shape)
+        U, _ = torch.linalg.qr(torch.randn(shape[0], r, generator=gen, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(shape[1], r, generator=gen, dtype=torch.float64))
+        s = torch.logspace(0, -9, r, dtype=torch.float64)
+        M = U @ torch.diag(s) @ V.T
+        for eps in (1e-24, 1e-14):
+            # the limit of (M Mᵀ + εI)^(-1/4) M (MᵀM + εI)^(-1/4) on these factors: each u_i s_i v_iᵀ scaled by
+            # (s_i² + ε)^(-1/4) from both sides
+            expected = (U * (s * (s**2 + eps) ** -0.5)) @ V.T
+            got = _tensor(answer(M, eps), f"shape {shape}, eps = {eps:g}, singular values 1 ... 1e-9")
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=0, atol=1e-6):
+                gap = (got - expected).abs().max().item() if got.shape == expected.shape else float("nan")
+                raise Wrong(f"shape {shape}, singular values 1 ... 1e-9, eps = {eps:g}: off by up to {gap:.3g}. "
+                            "Forming M Mᵀ (as shampoo_direction does) loses the weak directions to round-off; one "
+                            "SVD of M keeps them.")
+    return ("Equal to full Shampoo's L^-1/4 M R^-1/4 with damping (3 shapes x 3 values of eps), and accurate where "
+            "forming M Mᵀ is not (singular values down to 1e-9, eps down to 1e-24).")
 
 
 # ----------------------------------------------------------------------------------------------- notebook 05
@@ -216,7 +380,7 @@ def _exact_mars_adamw_by_hand(answer) -> str:
                 loss.backward()
                 return loss
             opt.step(closure)
-        got = torch.as_tensor(answer(W0.clone(), batches, **kw), dtype=torch.float64)
+        got = _tensor(answer(W0.clone(), batches, **kw), f"lr = {lr:g}, weight decay = {weight_decay:g}")
         gap = (got - W.detach()).abs().max().item()
         if not gap < 1e-12:
             raise Wrong(f"lr = {lr:g}, weight decay = {weight_decay:g}: after 12 steps your W differs from "
@@ -227,7 +391,11 @@ def _exact_mars_adamw_by_hand(answer) -> str:
 def _paired_difference(answer) -> str:
     for a, b in (([0.987, 0.983, 0.991, 0.979], [0.990, 0.985, 0.999, 0.984]), ([1.0, 2.0, 4.0], [0.5, 2.5, 3.0])):
         d = [x - y for x, y in zip(a, b, strict=True)]
-        mean, std, t = (float(v) for v in answer(a, b))
+        result = answer(a, b)
+        try:
+            mean, std, t = (_number(v, f"the differences {d}") for v in result)
+        except (TypeError, ValueError):
+            raise Wrong(f"for the differences {d}: return three numbers (mean, std, t), got {result!r}.") from None
         _close(mean, statistics.fmean(d), 1e-12, f"mean of {d}", 1e-15)
         _close(std, statistics.stdev(d), 1e-9, f"sample standard deviation of {d}")
         _close(t, statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(len(d))), 1e-9, f"paired t of {d}")
@@ -268,8 +436,8 @@ def _momentum_lag(answer) -> str:
 
 EXERCISES: dict[str, Exercise] = {
     "01.1": Exercise("sgd_noise_floor", _sgd_noise_floor),
-    "01.2": Exercise("noise_without_replacement", _noise_without_replacement),
-    "02.1": Exercise("exact_storm_error_additive", _exact_storm_error_additive),
+    "01.2": Exercise("noise_without_replacement", _noise_without_replacement, seconds=20.0),
+    "02.1": Exercise("exact_storm_error_additive", _exact_storm_error_additive, seconds=20.0),
     "02.2": Exercise("gamma_doubling_noise", _gamma_doubling_noise),
     "03.1": Exercise("max_step_norm", _max_step_norm),
     "03.2": Exercise("clip_cosine", _clip_cosine),
@@ -283,26 +451,68 @@ EXERCISES: dict[str, Exercise] = {
 }
 
 
-def verify(exercise: str, answer) -> tuple[bool, str]:
+def _within(seconds: float, run: Callable[[], str]) -> str:
+    """``run()``, stopped with :class:`_TimeUp` after ``seconds``: by SIGALRM in the main thread (a notebook's
+    kernel), else by waiting for a daemon thread (which then runs on in the background, unobserved)."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def stop(signum, frame):
+            raise _TimeUp
+        previous = signal.signal(signal.SIGALRM, stop)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return run()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = run()
+        except BaseException as e:  # handed to the caller below
+            outcome["error"] = e
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise _TimeUp
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def verify(exercise: str, answer, seconds: float | None = None) -> tuple[bool, str]:
     """``(right, verdict)`` for ``answer`` (the student's function) to ``exercise`` (e.g. ``"01.1"``).
 
     Never raises for a wrong or unfinished answer: a stub that raises ``NotImplementedError`` is "not
-    answered yet", any other exception is reported with its message."""
+    answered yet", any other exception of the answer is reported with its message, an answer that does not
+    return within the exercise's time limit (``seconds`` overrides it) is stopped and said so, and a failure
+    of the check's own code is reported as the check's, not the answer's. The answer always gets copies
+    of the check's inputs."""
     if exercise not in EXERCISES:
         raise KeyError(f"no exercise {exercise!r}; the exercises are {', '.join(EXERCISES)}")
     ex = EXERCISES[exercise]
     head = f"Exercise {exercise} ({ex.name})"
+    limit = ex.seconds if seconds is None else seconds
+    if not callable(answer):
+        return False, (f"{head}: not right yet. Give the function itself, check({exercise!r}, {ex.name}), "
+                       f"not {type(answer).__name__}.")
     try:
-        if not callable(answer):
-            raise Wrong(f"give the function itself, check({exercise!r}, {ex.name}), not {type(answer).__name__}.")
-        detail = ex.verify(answer)
+        detail = _within(limit, lambda: ex.verify(_Answer(answer)))
     except NotImplementedError:
         return False, (f"{head}: not answered yet. Write the function in the cell above (it still raises "
                        "NotImplementedError), run that cell, then this one.")
     except Wrong as e:
         return False, f"{head}: not right yet. {e}"
-    except Exception as e:  # the student's code failed: say how, do not stop the notebook
-        return False, f"{head}: your function raised {type(e).__name__}: {e}"
+    except _AnswerFailed as e:  # the student's code failed: say how, do not stop the notebook
+        return False, f"{head}: your function raised {e}"
+    except _TimeUp:
+        return False, (f"{head}: not right yet. The check did not finish within {limit:g} s and was stopped: your "
+                       "function takes too long (an endless loop, or a loop or enumeration where the exercise asks "
+                       "for a closed form).")
+    except Exception as e:  # the check's own code failed, not the answer: say so, do not blame the student
+        return False, (f"{head}: the check itself failed ({type(e).__name__}: {e}); this is not a verdict on your "
+                       "answer. Please report it with your function.")
     return True, f"{head}: right. {detail}"
 
 
