@@ -93,16 +93,18 @@ def parameters(group: dict, where: str) -> None:
                              f"{p.device.type} {p.dtype} tensor: use foreach=True (the step for CUDA) or foreach=None")
 
 
-def magnitudes(group: dict, lr: float, fallback_lr: float, dtypes: set[torch.dtype], where: str) -> None:
+def magnitudes(group: dict, lr: float | None, fallback_lr: float | None, dtypes: set[torch.dtype], where: str) -> None:
     """Refuse settings the parameters' dtype cannot hold: a step computed with them would be inf (e.g. lr=1e308
-    on float32 parameters), which would turn the parameters into inf or NaN without an error."""
+    on float32 parameters), which would turn the parameters into inf or NaN without an error. ``lr`` None: a
+    tensor lr on a device, not read here."""
     beta1 = group["betas"][0]
+    rates = () if lr is None else (("lr", lr), ("lr_1d", fallback_lr),
+                                   ("lr * weight_decay", lr * group["weight_decay"]),
+                                   ("lr_1d * weight_decay_1d", fallback_lr * group["weight_decay_1d"]))
     for dtype in dtypes:
         largest = torch.finfo(dtype).max
-        for name, value in (("lr", lr), ("lr_1d", fallback_lr), ("weight_decay", group["weight_decay"]),
+        for name, value in (*rates, ("weight_decay", group["weight_decay"]),
                             ("weight_decay_1d", group["weight_decay_1d"]), ("eps", group["eps"]),
-                            ("lr * weight_decay", lr * group["weight_decay"]),
-                            ("lr_1d * weight_decay_1d", fallback_lr * group["weight_decay_1d"]),
                             ("gamma * beta1 / (1 - beta1)", correction_scale(group["gamma"], beta1)),
                             ("max_norm squared",
                              group["max_norm"] * group["max_norm"] if group["clip"] != "none" else 0.0)):

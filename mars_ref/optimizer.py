@@ -275,8 +275,9 @@ def _tuple(value):
     return tuple(value) if isinstance(value, (tuple, list)) else value
 
 
-def _number(x) -> float:
-    return float(x) if torch.is_tensor(x) else x
+def _number(x) -> float | None:
+    """A rate as a Python number; None for a tensor on a device (reading it would wait for the device)."""
+    return x if not torch.is_tensor(x) else float(x) if x.device.type == "cpu" else None
 
 
 def _read_group(group: dict, where: str, as_tensors: bool = False) -> Hyper:
