@@ -519,3 +519,56 @@ def verify(exercise: str, answer, seconds: float | None = None) -> tuple[bool, s
 def check(exercise: str, answer) -> None:
     """Print whether ``answer`` is right for ``exercise``, and why not (see :func:`verify`)."""
     print(verify(exercise, answer)[1])
+
+
+# ---------------------------------------------------------------------------------------------- notebook 02b
+
+
+def _svrg_cases():
+    """Per-sample gradients ``X`` (at x) and ``Y`` (at the snapshot): correlated, with non-zero means."""
+    gen = torch.Generator().manual_seed(11)
+    cases = []
+    for n, dim, rho in ((4, 3, 0.9), (5, 2, 0.3), (3, 4, -0.5)):
+        X = torch.randn(n, dim, generator=gen, dtype=torch.float64) + torch.randn(dim, generator=gen,
+                                                                                   dtype=torch.float64)
+        Y = rho * X + (1 - rho**2) ** 0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64) + 0.5
+        cases.append((X, Y))
+    return cases
+
+
+def _svrg_variance_enumerated(X: torch.Tensor, Y: torch.Tensor, alpha: float, batch: int) -> float:
+    """``E‖v − ∇F(x)‖²`` by listing every ordered minibatch of ``batch`` indices drawn with replacement."""
+    n = X.shape[0]
+    full_x, full_y = X.mean(0), Y.mean(0)
+    total = 0.0
+    for idx in itertools.product(range(n), repeat=batch):
+        idx = list(idx)
+        v = X[idx].mean(0) - alpha * (Y[idx].mean(0) - full_y)
+        total += (v - full_x).square().sum().item()
+    return total / n**batch
+
+
+def _svrg_variance(answer) -> str:
+    for X, Y in _svrg_cases():
+        for alpha in (0.0, 0.5, 1.0, 1.4):
+            for batch in (1, 2, 3):
+                expected = _svrg_variance_enumerated(X, Y, alpha, batch)
+                _close(answer(X.clone(), Y.clone(), alpha, batch), expected, 1e-9,
+                       f"N = {X.shape[0]}, dim = {X.shape[1]}, alpha = {alpha:g}, batch = {batch}")
+    return ("Equals the average over every minibatch drawn with replacement (all N^B of them), for 3 data sets, "
+            "4 values of alpha and B = 1, 2, 3.")
+
+
+def _optimal_alpha(answer) -> str:
+    for X, Y in _svrg_cases():
+        v0, v1, v2 = (_svrg_variance_enumerated(X, Y, a, 1) for a in (0.0, 1.0, 2.0))
+        # V(α) is a parabola: its vertex from three enumerated values, no covariance formula needed
+        curvature, slope_at_0 = (v2 - 2 * v1 + v0) / 2, (4 * v1 - v2 - 3 * v0) / 2
+        best = -slope_at_0 / (2 * curvature)
+        got = float(answer(X.clone(), Y.clone()))
+        _close(got, best, 1e-9, f"N = {X.shape[0]}, dim = {X.shape[1]}", 1e-12)
+    return "Is the vertex of the enumerated variance V(alpha) (a parabola through alpha = 0, 1, 2), for 3 data sets."
+
+
+EXERCISES["02b.1"] = Exercise("svrg_variance", _svrg_variance)
+EXERCISES["02b.2"] = Exercise("optimal_alpha", _optimal_alpha)
