@@ -441,3 +441,39 @@ def test_no_warning_and_no_error_for_parameters_without_gradients():
         warnings.simplefilter("error")
         opt.step()
     assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_state_dict_after_loading_is_the_state_dict_loaded(impl):
+    """torch's test_state_dict_deterministic: ``load_state_dict(sd)`` then ``state_dict()`` gives ``sd`` back, the
+    same keys in every parameter group (no setting added on one side only) and the same state."""
+    ps = params()
+    opt = MARS(ps, lr=1e-2, **IMPLS[impl])
+    for t in range(2):
+        set_grads(ps, t)
+        opt.step()
+    saved = opt.state_dict()
+    other = MARS(params(), lr=3e-2, **IMPLS[impl])
+    other.load_state_dict(saved)
+    again = other.state_dict()
+    assert [sorted(g) for g in again["param_groups"]] == [sorted(g) for g in saved["param_groups"]]
+    assert again["param_groups"] == saved["param_groups"]
+    for k, st in saved["state"].items():
+        assert st.keys() == again["state"][k].keys()
+        assert all(torch.equal(v, again["state"][k][n]) if torch.is_tensor(v) else v == again["state"][k][n]
+                   for n, v in st.items())
+
+
+@pytest.mark.parametrize("key, value, match", [("m", float("nan"), "'m' of .* NaN or inf"),
+                                               ("v", -1.0, "'v' of .* negative values")])
+def test_a_loaded_state_with_nan_or_negative_values_is_refused(key, value, match):
+    ps = params()
+    opt = MARS(ps, lr=1e-2)
+    set_grads(ps, 0)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0][key] = torch.full_like(saved["state"][0][key], value)
+    other = MARS(params(), lr=1e-2)
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(saved)
+    assert len(other.state) == 0  # left as it was
