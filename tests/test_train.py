@@ -455,7 +455,7 @@ def test_checkpoint_checksum_and_the_old_format(data_dir, tmp_path, capsys):
     state = load_checkpoint(path)
     state["format"] = "mars_ref.gpt.train/1"
     del state["data"]["corpus"]
-    torch.save(state, path)  # as the code before checksums wrote it
+    torch.save(state, path)  # format 1: no checksum trailer
     assert load_checkpoint(path)["step"] == 4
     assert "written before checkpoints carried a checksum: read without verifying it" in capsys.readouterr().err
     assert main(flags(data_dir, old, "--resume", "--max-iters", 8)) == 0

@@ -52,7 +52,8 @@ def prepare_data(cfg: TrainConfig, d: Dist) -> tuple[Path, dict]:
     """The data set's directory and its checked ``meta.json``, prepared first if needed (``data.prepare``).
 
     Under torchrun the corpus must be prepared beforehand: preparing one can take hours (OpenWebText), longer than
-    the other processes may wait in a collective (NCCL's timeout), so every process only checks it."""
+    the other processes may wait in a collective (NCCL's timeout), so every process only checks it (tested with
+    gloo, unverified with NCCL)."""
     if d.world > 1:
         path = Path(cfg.data_dir) / cfg.dataset
         try:

@@ -221,7 +221,7 @@ def _remove_stale_temporaries(data_dir: Path, name: str, out: Path) -> None:
     """Temporaries of preparations that were killed (called with the lock held: none is running)."""
     for tmp in glob.glob(os.path.join(glob.escape(str(data_dir)), glob.escape(f".{name}.tmp-") + "*")):
         shutil.rmtree(tmp, ignore_errors=True)
-    if out.is_dir():  # those of earlier versions of this code, which wrote into the corpus directory
+    if out.is_dir():  # temporaries written inside the corpus directory itself
         for old in ("train.bin.tmp", "val.bin.tmp", "meta.json.tmp"):
             (out / old).unlink(missing_ok=True)
         for tmp in out.glob(".hf-cache-*"):

@@ -36,6 +36,8 @@ def setup_distributed(device: str) -> Dist:
     backend = "nccl" if pick_device(device, Dist()).startswith("cuda") else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    if backend == "nccl":  # the first collectives (the run directory's lock) use the current device (unverified)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
 
 
@@ -116,7 +118,8 @@ def set_matmul_precision(device: str, tf32: bool) -> None:
 
 
 def device_memory(device: str) -> tuple[int, str]:
-    """(bytes of memory, what holds them) of the device: the GPU's memory on CUDA, the machine's RAM elsewhere."""
+    """(bytes of memory, what holds them) of the device: the GPU's memory on CUDA (unverified on a GPU), the
+    machine's RAM elsewhere."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_properties(torch.device(device)).total_memory, f"the GPU {device}"
     try:
