@@ -23,7 +23,7 @@ copyright = "mars_ref contributors"
 root_doc = "book/index"
 
 extensions = ["myst_nb"]
-include_patterns = ["book/*.md", "notebooks/*.ipynb", "notebooks/README.md"]
+include_patterns = ["book/*.md", "notebooks/*.ipynb", "notebooks/README.md", "notebooks/LAB.md"]
 exclude_patterns = [".venv", ".git", "build", "data", "runs", "out", "benchmarks", "mars_ref", "tests", "docs",
                     "**/.ipynb_checkpoints", "**/node_modules"]
 

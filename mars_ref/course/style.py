@@ -10,6 +10,12 @@ Colours are the Okabe–Ito palette (distinguishable with the common colour-visi
 method also has its own line style and marker, so a figure still reads printed in grey. ``save`` writes
 nothing unless the environment variable ``MARS_REF_FIGURES`` names a directory (``make figures`` sets it
 to ``notebooks/figures``), so a notebook runs the same with and without it and prints nothing either way.
+Once :func:`use` has applied the style, it refuses a figure with text below :data:`MIN_FONT` points (a
+tick label, a legend, an annotation set smaller by hand), exported or not, so the promise of 12 pt and
+more holds for every figure of the notebooks.
+
+Error bars and bands, in every figure of the course: the mean over seeds ± the half-width of its 95%
+Student-t interval (``mars_ref.course.toys.t_interval``), named so in the caption.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ CYCLE = (BLUE, VERMILION, GREEN, ORANGE, PURPLE, SKY, BLACK)
 LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1)))
 
 SLIDE = (11.0, 6.1875)  # inches, 16:9: full width of a slide at the fonts below
+MIN_FONT = 12.0         # points: the smallest text a figure may carry (style.save refuses smaller)
 DPI = 150               # exported figures (style.save)
 SCREEN_DPI = 110        # figures shown in a notebook: 1210 px wide, more than a notebook column shows
 
@@ -68,7 +75,12 @@ def use() -> None:
     """Apply the style to every later figure of this process (a notebook calls it once, at the top)."""
     import matplotlib as mpl
 
+    global _IN_USE
     mpl.rcParams.update(rc())
+    _IN_USE = True
+
+
+_IN_USE = False  # set by use(): from then on save() holds figures to MIN_FONT
 
 
 def figure(nrows: int = 1, ncols: int = 1, height: float = 1.0, **kwargs):
@@ -102,6 +114,14 @@ def log_limits(*arrays, pad: float = 1.6) -> tuple[float, float]:
     return values.min().item() / pad, values.max().item() * pad
 
 
+def small_text(fig) -> list[str]:
+    """The visible texts of ``fig`` smaller than :data:`MIN_FONT` points, each as ``'text' (size pt)``."""
+    from matplotlib.text import Text
+
+    return [f"{t.get_text()[:40]!r} ({t.get_fontsize():g} pt)" for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip() and t.get_fontsize() < MIN_FONT - 1e-9]
+
+
 def target_dir() -> Path | None:
     """Where :func:`save` writes: ``$MARS_REF_FIGURES``, or ``None`` (the default: nowhere)."""
     value = os.environ.get("MARS_REF_FIGURES", "").strip()
@@ -112,7 +132,11 @@ def save(fig, name: str) -> list[Path]:
     """Write ``fig`` as ``name.svg`` and ``name.png`` (150 dpi) into :func:`target_dir`, if it is set.
 
     Returns the files written (none by default). The SVG carries no date, so the same figure gives the
-    same file on every run."""
+    same file on every run. After :func:`use`, raises ``ValueError`` naming any text below :data:`MIN_FONT`
+    points."""
+    small = small_text(fig) if _IN_USE else []
+    if small:
+        raise ValueError(f"figure {name!r} has text below {MIN_FONT:g} pt: " + ", ".join(small[:5]))
     where = target_dir()
     if where is None:
         return []

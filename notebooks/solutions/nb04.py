@@ -11,23 +11,23 @@ def ns_singular_values(M: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.
     """Singular values of ``newton_schulz(M, steps, eps, dtype=float64)``, computed on scalars only.
 
     ``X = U S Vᵀ`` gives ``X Xᵀ X = U S³ Vᵀ``, so one Newton–Schulz step maps every singular value
-    ``s`` to ``p(s) = a s + b s³ + c s⁵`` and keeps ``U, V``. Start from ``s / (‖M‖_F + ε)``.
+    ``s`` to ``p(s) = q1 s + q3 s³ + q5 s⁵`` and keeps ``U, V``. Start from ``s / (‖M‖_F + ε)``.
     Returned in descending order (``p`` is not monotone on [0, 1], so the order can change).
     """
-    a, b, c = NS_COEFFICIENTS
+    q1, q3, q5 = NS_COEFFICIENTS
     M = M.double()
     s = torch.linalg.svdvals(M) / (torch.linalg.norm(M) + eps)
     for _ in range(steps):
-        s = a * s + b * s**3 + c * s**5
+        s = q1 * s + q3 * s**3 + q5 * s**5
     return s.sort(descending=True).values
 
 
 def steps_to_reach(s0: float, target: float = 0.5, max_steps: int = 100) -> int:
     """How many Newton–Schulz steps lift a normalised singular value ``s0`` to at least ``target``."""
-    a, b, c = NS_COEFFICIENTS
+    q1, q3, q5 = NS_COEFFICIENTS
     s, k = s0, 0
     while s < target:
-        s = a * s + b * s**3 + c * s**5
+        s = q1 * s + q3 * s**3 + q5 * s**5
         k += 1
         if k > max_steps:
             raise RuntimeError("did not reach the target")
