@@ -496,6 +496,11 @@ def _round(x: float) -> float:
     return float(f"{x:.12g}")
 
 
+#: TrainConfig fields a run's key leaves out when they hold these values (the values every cached run ran with):
+#: TF32 matmuls (CUDA only), the cosine schedule and its unused WSD fraction
+KEY_DEFAULTS = {"tf32": True, "schedule": "cosine", "decay_frac": 0.2}
+
+
 def resolved_config(kwargs: dict) -> dict:
     """The TrainConfig ``mars_ref.gpt.train`` will run for these fields (recipe defaults filled in), without paths."""
     from mars_ref.gpt.train import TrainConfig, resolve
@@ -503,8 +508,9 @@ def resolved_config(kwargs: dict) -> dict:
     cfg = asdict(resolve(TrainConfig(**kwargs, out_dir="-", data_dir="-")))
     for k in ("out_dir", "data_dir", "overwrite"):  # where a run goes, not what it computes
         cfg.pop(k, None)
-    if cfg.get("tf32") is True:  # the default (TF32 matmuls on CUDA, no effect on the CPU): not part of the key
-        del cfg["tf32"]
+    for name, default in KEY_DEFAULTS.items():  # fields whose default leaves a run as it is: not part of the key
+        if name in cfg and cfg[name] == default:
+            del cfg[name]
     return cfg
 
 

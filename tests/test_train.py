@@ -579,3 +579,41 @@ def test_gpu_lab_preset_runs_shrunk_on_the_cpu(tmp_path):
         assert any(r["kind"] == "variance" for r in read_metrics(out / "metrics.jsonl"))
     meta = json.loads((data_root / "shakespeare-gpt2" / "meta.json").read_text())
     assert meta["tokenizer"] == "gpt2" and 1.4e6 < meta["train_tokens"] + meta["val_tokens"] < 1.7e6
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_lr_schedules(schedule):
+    """Warm-up to the peak; cosine decays to min_lr at lr_decay_iters; wsd holds the peak, then decays linearly to
+    min_lr over the last decay_frac of the steps after the warm-up; constant holds the peak."""
+    from mars_ref.gpt.config import TrainConfig, resolve
+    from mars_ref.gpt.optim import lr_factor
+
+    cfg = resolve(TrainConfig(preset="cpu-tiny", optimizer="adamw", max_iters=110, warmup_iters=10, lr=1e-2,
+                              min_lr=1e-4, schedule=schedule, decay_frac=0.2))
+    f = lr_factor(cfg)
+    assert [f(i) for i in (0, 9)] == [pytest.approx(0.1), pytest.approx(1.0)]
+    if schedule == "cosine":
+        assert f(60) == pytest.approx(0.01 + 0.5 * 0.99) and f(110) == pytest.approx(0.01)
+    elif schedule == "wsd":  # decay over the last 20 of the 100 steps after the warm-up: steps 90..110
+        assert f(50) == f(89) == 1.0 and f(100) == pytest.approx(1 - 0.99 * 10 / 20) and f(110) == pytest.approx(0.01)
+    else:
+        assert f(50) == f(110) == 1.0
+
+
+@pytest.mark.parametrize("field, value, match", [("schedule", "linear", "unknown --schedule 'linear'"),
+                                                 ("decay_frac", 0.0, "--decay-frac must be a number in"),
+                                                 ("step_impl", "fast", "unknown --step-impl 'fast'")])
+def test_schedule_and_step_impl_flags_are_checked(field, value, match):
+    from mars_ref.gpt.config import ConfigError, TrainConfig, resolve
+
+    with pytest.raises(ConfigError, match=match):
+        resolve(TrainConfig(preset="cpu-tiny", **{field: value}))
+
+
+def test_auto_step_impl_is_the_readable_step_on_the_cpu_and_foreach_on_cuda():
+    from mars_ref.gpt.config import TrainConfig, resolve
+    from mars_ref.gpt.optim import _foreach
+
+    cfg = resolve(TrainConfig(preset="cpu-tiny"))
+    assert cfg.step_impl == "auto" and _foreach(cfg) is None  # MARS(foreach=None): foreach on CUDA only
+    assert resolve(TrainConfig(preset="cpu-tiny", optimizer="adamw")).step_impl == "auto"  # valid for every optimizer

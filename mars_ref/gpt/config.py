@@ -23,7 +23,8 @@ from .model import GPTConfig
 from .model import preset as model_preset
 
 OPTIMIZERS = ("adamw", "lion", "muon", "mars-adamw", "mars-lion", "mars-shampoo", "mars-m")
-STEP_IMPLS = ("readable", "foreach", "fused")  # MARS(foreach=...) / MARS(fused=...)
+STEP_IMPLS = ("auto", "readable", "foreach", "fused")  # MARS(foreach=None / False / True) / MARS(fused=True)
+SCHEDULES = ("cosine", "wsd", "constant")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -55,8 +56,9 @@ class TrainConfig:
         ["cpu-tiny", "cpu-mini", "gpu-lab", "gpt2-small", "gpt2-medium", "gpt2-large"])})
     optimizer: str = field(default="mars-adamw", metadata={"help": "one of " + ", ".join(OPTIMIZERS)})
     exact: bool = field(default=False, metadata={"help": "exact MARS: 2 gradient evaluations per step"})
-    step_impl: str = field(default="readable", metadata={"help": "how MARS computes its step (same math, same "
-        "state): readable, foreach (grouped torch kernels: use on CUDA), fused (one C loop per tensor: use on CPU)"})
+    step_impl: str = field(default="auto", metadata={"help": "how MARS computes its step (same math, same "
+        "state): auto (foreach on CUDA, readable elsewhere), readable (each line under its equation), foreach "
+        "(grouped torch kernels), fused (one C loop per tensor: CPU only)"})
     # model
     model: str | None = field(default=None, metadata={"help": "model preset (mars_ref.gpt.model.PRESETS)"})
     n_layer: int | None = None
@@ -74,7 +76,12 @@ class TrainConfig:
     # schedule and optimizer (None: the recipe for this preset and optimizer)
     max_iters: int | None = None
     warmup_iters: int | None = None
-    lr_decay_iters: int | None = field(default=None, metadata={"help": "end of the cosine (= max_iters)"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "end of the decay (= max_iters)"})
+    schedule: str = field(default="cosine", metadata={"help": "lr after the warm-up: cosine (to min_lr at "
+        "lr_decay_iters), wsd (warmup-stable-decay: the peak lr, then a linear decay to min_lr over the last "
+        "decay_frac of the steps), constant (the peak lr)"})
+    decay_frac: float = field(default=0.2, metadata={"help": "wsd: the fraction of the steps after the warm-up "
+                                                              "that decays, in (0, 1]"})
     lr: float | None = None
     min_lr: float | None = None
     lr_1d: float | None = field(default=None, metadata={"help": "lr of the AdamW fallback (MARS, Muon)"})
@@ -196,7 +203,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                           "(leave --gamma out, or choose a mars-* optimizer)")
     if cfg.step_impl not in STEP_IMPLS:
         raise ConfigError(f"unknown --step-impl {cfg.step_impl!r}; choose one of {STEP_IMPLS}")
-    if cfg.step_impl != "readable" and not cfg.optimizer.startswith("mars"):
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown --schedule {cfg.schedule!r}; choose one of {SCHEDULES}")
+    if not (isinstance(cfg.decay_frac, (int, float)) and 0 < cfg.decay_frac <= 1):
+        raise ConfigError(f"--decay-frac must be a number in (0, 1], not {cfg.decay_frac!r}")
+    if cfg.step_impl not in ("auto", "readable") and not cfg.optimizer.startswith("mars"):
         raise ConfigError(f"--step-impl is a MARS option; optimizer {cfg.optimizer!r} has its own step")
     if cfg.step_impl == "fused" and cfg.optimizer in ("mars-shampoo", "mars-m"):
         raise ConfigError(f"--step-impl fused computes MARS-AdamW and MARS-Lion; {cfg.optimizer}'s step is "

@@ -40,23 +40,37 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> tor
                   {"params": [p for p in params if id(p) in embeddings], "fallback": True}]
         return MARS(groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, gamma=cfg.gamma,
                     preconditioner="muon", exact=cfg.exact, lr_1d=cfg.lr_1d, weight_decay_1d=cfg.weight_decay,
-                    foreach=cfg.step_impl == "foreach")
+                    foreach=_foreach(cfg))
     return MARS(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, gamma=cfg.gamma,
                 preconditioner=cfg.optimizer.removeprefix("mars-"), exact=cfg.exact, lr_1d=cfg.lr_1d,
-                foreach=cfg.step_impl == "foreach", fused=cfg.step_impl == "fused")
+                foreach=_foreach(cfg), fused=cfg.step_impl == "fused")
+
+
+def _foreach(cfg: TrainConfig) -> bool | None:
+    """MARS's ``foreach`` for ``--step-impl``: None (auto: foreach on CUDA, readable elsewhere), True or False."""
+    return None if cfg.step_impl == "auto" else cfg.step_impl == "foreach"
 
 
 def lr_factor(cfg: TrainConfig):
     """Multiplier of the peak lr for the step with 0-based index ``it``: linear warm-up to 1 over
-    ``warmup_iters`` steps, then cosine decay to ``min_lr / lr`` at ``lr_decay_iters``, flat after."""
+    ``warmup_iters`` steps, then by ``cfg.schedule``: cosine decay to ``min_lr / lr`` at ``lr_decay_iters`` (flat
+    after); wsd: 1 until the last ``decay_frac`` of the steps after the warm-up, then linear to ``min_lr / lr`` at
+    ``lr_decay_iters``; constant: 1."""
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    decay_start = cfg.lr_decay_iters - round(cfg.decay_frac * max(0, cfg.lr_decay_iters - cfg.warmup_iters))
 
     def factor(it: int) -> float:
         """The multiplier for step ``it``."""
         if it < cfg.warmup_iters:
             return (it + 1) / cfg.warmup_iters
+        if cfg.schedule == "constant":
+            return 1.0
         if it >= cfg.lr_decay_iters:
             return floor
+        if cfg.schedule == "wsd":
+            if it < decay_start:
+                return 1.0
+            return 1.0 - (1.0 - floor) * (it - decay_start) / max(1, cfg.lr_decay_iters - decay_start)
         progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
         return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
 
