@@ -35,6 +35,10 @@ Design, fixed before any run of it
   the lr (the trainer offers no switch for the first two).
 * **γ × lr** (middle point): γ ∈ {0, 0.025, 0.1} at ×{1/4, 1/2, 1, 2, 4} of MARS's base lr, seeds 0, 1, 2 (no lr
   is chosen here, so seed 0 is in): does the correction widen the range of stable learning rates?
+* **Schedule control** (M at 80 and 160 tokens/parameter): AdamW and both MARS arms with warmup-stable-decay
+  (``--schedule wsd``: the peak lr until the last 20% of the steps after the warm-up, then linear to min_lr) at
+  the lrs chosen under the cosine, seeds 1–3: the gaps just before the decay (the evaluation at 80% of the
+  steps) and at the end.
 * **β2's half-life in tokens** (batch 8 and 128): AdamW and both MARS arms with β2 set so that its half-life in
   tokens is the one at batch 32 (β2' = β2^(B/32), as Marek et al. 2025 hold it), at the lr chosen with the
   default β2, seeds 1–5.
@@ -79,6 +83,9 @@ GAMMA_LR_FACTORS = [0.25, 0.5, 1.0, 2.0, 4.0]
 GAMMA_LR_GAMMAS = [0.0, GAMMA, 0.1]
 GAMMA_LR_SEEDS = [0, 1, 2]
 MARS_BETAS, ADAMW_BETAS = (0.95, 0.99), (0.9, 0.95)
+SCHEDULE_POINTS = [("M", 4, 32), ("M", 8, 32)]
+SCHEDULE_SEEDS = [1, 2, 3]
+WSD = (("decay_frac", 0.2), ("schedule", "wsd"))
 MARS_WD = 0.01
 
 #: the arms: (label, the study variant whose lr it takes, γ or None, extra TrainConfig fields)
@@ -114,7 +121,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        extra = "".join(f" {k}={v:g}" for k, v in self.overrides if k not in ("gamma",))
+        extra = "".join(f" {k}={v}" for k, v in self.overrides)
         return f"{self.part}/{self.point}/{self.arm}{extra} lr×{self.factor:g} seed {self.seed}"
 
 
@@ -233,7 +240,14 @@ class Correction:
                     continue
                 beta2 = (ADAMW_BETAS if arm == "adamw" else MARS_BETAS)[1] ** (batch / 32)
                 plan.runs.extend(Run("beta2", point, arm, f, s, (("beta2", round(beta2, 6)),)) for s in SEEDS)
-        # 4. γ × lr at the middle point
+        # 4. the schedule control: warmup-stable-decay at the cosine's lrs
+        for size, tpp, batch in SCHEDULE_POINTS:
+            point = _point(size, tpp, batch)
+            for arm in ("adamw", "recipe", "mars"):
+                f = plan.factors.get((point, ARMS[arm][1]))
+                if f is not None:
+                    plan.runs.extend(Run("schedule", point, arm, f, s, WSD) for s in SCHEDULE_SEEDS)
+        # 5. γ × lr at the middle point
         for gamma in GAMMA_LR_GAMMAS:
             arm = gamma_arm(gamma)
             plan.runs.extend(Run("gamma-lr", mid, arm, f, s) for s in GAMMA_LR_SEEDS for f in GAMMA_LR_FACTORS)

@@ -152,6 +152,20 @@ def _diffs(a: dict, b: dict, which: str) -> list[float]:
             if a[s] is not None and b[s] is not None]
 
 
+def _at_fraction(rec: dict, fraction: float) -> float:
+    """The validation loss at the evaluation nearest ``fraction`` of the steps (+∞ if diverged)."""
+    r = rec["result"]
+    if r.get("diverged"):
+        return math.inf
+    steps, vals = r["steps"], r["val_loss"]
+    i = min(range(len(steps)), key=lambda j: (abs(steps[j] - fraction * steps[-1]), steps[j]))
+    return vals[i] if vals[i] is not None else math.inf
+
+
+def _plain(a: dict, b: dict) -> list[float]:
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
 def summarize(c: C.Correction, cache: dict) -> dict:
     plan, records = collect(c, cache)
     points = [C._point(*p) for p in C.M_POINTS] + [C.T_POINT]
@@ -201,6 +215,19 @@ def summarize(c: C.Correction, cache: dict) -> dict:
                         "seeds_done": {a: sorted(s for s, rec in r.items() if rec is not None)
                                        for a, r in runs.items()}}
     out["beta2_half_life_fixed"] = beta2
+    sched = {}
+    for size, tpp, batch in C.SCHEDULE_POINTS:
+        point = C._point(size, tpp, batch)
+        runs = {arm: {r.seed: rec for r, rec in records.items() if r.part == "schedule" and r.point == point
+                      and r.arm == arm} for arm in ("adamw", "recipe", "mars")}
+        before = {a: {s: _at_fraction(rec, 0.8) for s, rec in r.items() if rec is not None} for a, r in runs.items()}
+        sched[point] = {
+            "before_decay": {"correction": paired(_plain(before["mars"], before["recipe"])),
+                             "total": paired(_plain(before["mars"], before["adamw"]))},
+            "final": {"correction": paired(_diffs(runs["mars"], runs["recipe"], "final")),
+                      "total": paired(_diffs(runs["mars"], runs["adamw"], "final"))},
+            "seeds_done": {a: sorted(s for s, rec in r.items() if rec is not None) for a, r in runs.items()}}
+    out["schedule_wsd"] = sched
     grid: dict = {}
     for r, rec in records.items():
         if r.part == "gamma-lr":
@@ -260,6 +287,14 @@ def table_markdown(summary: dict) -> str:
               "| point | recipe | correction | total |", "|---|---|---|---|"]
     for point, e in summary["beta2_half_life_fixed"].items():
         lines.append(f"| {point} | {_fmt(e['recipe'])} | {_fmt(e['correction'])} | {_fmt(e['total'])} |")
+    lines += ["", "## Schedule control: warmup-stable-decay (the lrs chosen under the cosine)", "",
+              "Before the decay: the evaluation at 80% of the steps, where the lr has been at its peak since the "
+              "warm-up; final: after the linear decay to min_lr.", "",
+              "| point | correction before decay | correction final | total before decay | total final |",
+              "|---|---|---|---|---|"]
+    for point, e in summary["schedule_wsd"].items():
+        lines.append(f"| {point} | {_fmt(e['before_decay']['correction'])} | {_fmt(e['final']['correction'])} | "
+                     f"{_fmt(e['before_decay']['total'])} | {_fmt(e['final']['total'])} |")
     lines += ["", "## γ × lr at the middle point (final validation loss by seed; ∞ = diverged)", ""]
     factors = sorted({f for g in summary["gamma_lr"].values() for f in g}, key=float)
     lines += ["| γ | " + " | ".join(f"lr ×{f}" for f in factors) + " |", "|---|" + "---|" * len(factors)]
