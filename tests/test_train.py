@@ -527,15 +527,24 @@ def test_validation_loss_that_is_not_finite_fails(data_dir, tmp_path, capsys, mo
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1  # step 2's was not written
 
 
-@pytest.mark.parametrize("signals, status", [((signal.SIGTERM,), 143), ((signal.SIGINT, signal.SIGINT), 130)])
+@pytest.mark.parametrize("signals, repeat, status, at_once", [
+    ((signal.SIGTERM,), 3.0, 143, False),
+    ((signal.SIGTERM, signal.SIGTERM), 3.0, 143, False),  # the same request twice (SLURM and torchrun both send it)
+    ((signal.SIGINT, signal.SIGTERM), 3.0, 130, True),  # another signal: at once
+    ((signal.SIGINT, signal.SIGINT), 0.0, 130, True),  # the same signal after REPEAT_SECONDS: at once
+], ids=["one", "same-twice", "another", "same-later"])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_at_once(data_dir, tmp_path, capsys,
-                                                                              monkeypatch, signals, status):
-    """In this process, deterministically: signals sent during step 5. One: step 5 finishes, is checkpointed, exit
-    128 + the signal. Two: stop at once, the checkpoint of step 4 kept. (The subprocess version, Ctrl-C at a
-    random moment, is in tests/test_faults_train.py.)"""
+                                                                              monkeypatch, signals, repeat, status,
+                                                                              at_once):
+    """In this process, deterministically: signals sent during step 5. One (or the same one twice within
+    ``REPEAT_SECONDS``): step 5 finishes, is checkpointed, exit 128 + the signal. Another: stop at once, the
+    checkpoint of step 4 kept. (The subprocess version, Ctrl-C at a random moment, is in
+    tests/test_faults_train.py; torchrun's, in test_sigterm_under_torchrun_*.)"""
+    from mars_ref.gpt import signals as S
     from mars_ref.gpt import train as T
 
     real_step = T.train_step
+    monkeypatch.setattr(S, "REPEAT_SECONDS", repeat)
 
     def train_step(run, i):
         if i + 1 == 5:
@@ -550,8 +559,9 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_at_once(da
     assert main(argv) == status
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
     err = capsys.readouterr().err
-    if len(signals) == 1:
-        assert err.endswith(f"interrupted: SIGTERM after step 5 of 12: checkpoint of step 5 in {tmp_path / 'ckpt.pt'};"
+    if not at_once:
+        name = signal.Signals(signals[0]).name
+        assert err.endswith(f"interrupted: {name} after step 5 of 12: checkpoint of step 5 in {tmp_path / 'ckpt.pt'};"
                             f" continue with --resume --out-dir {tmp_path}\n")
         assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
     else:
@@ -559,6 +569,52 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_a_second_at_once(da
                             "continues from the last one, if any)\n")
         assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 4
     assert "Traceback" not in err
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("who", ["torchrun-and-workers", "workers"])
+def test_sigterm_under_torchrun_checkpoints_the_stop_step_and_resumes_bit_for_bit(data_dir, tmp_path, who):
+    """2 gloo processes under torchrun. SIGTERM to torchrun and both workers (as SLURM sends it: the workers get it
+    twice, once forwarded by torchrun), or to the workers only (torchrun then stops whatever is left when one
+    exits): either way a checkpoint of the step the run stopped after, and ``--resume`` continues on the
+    uninterrupted run's losses, bit for bit."""
+    common = ["--log-interval", 1, "--eval-interval", 0, "--ckpt-interval", 0, "--lr-decay-iters", 3000,
+              "--grad-accum", 2]
+    launch = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1"]
+    out = tmp_path / "stopped"
+    proc = cli(*launch, f"--master-port={free_port()}", "-m", "mars_ref.gpt.train",
+               *flags(data_dir, out, "--max-iters", 3000, *common))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 5:
+        time.sleep(0.2)
+    workers = [c for c in _children(proc.pid)]
+    assert len(workers) == 2, workers
+    for pid in ([proc.pid] if who == "torchrun-and-workers" else []) + workers:
+        os.kill(pid, signal.SIGTERM)
+    text, _ = proc.communicate(timeout=240)
+    assert "stopped at once" not in text, text
+    stop = load_checkpoint(out / "ckpt.pt")["step"]
+    assert 5 <= stop < 3000 and f"checkpoint of step {stop}" in text, text
+    resumed = cli(*launch, f"--master-port={free_port()}", "-m", "mars_ref.gpt.train",
+                  *flags(data_dir, out, "--max-iters", stop + 4, "--resume", *common))
+    assert resumed.communicate(timeout=240)[0] is not None and resumed.returncode == 0
+    reference = tmp_path / "reference"
+    ref = cli(*launch, f"--master-port={free_port()}", "-m", "mars_ref.gpt.train",
+              *flags(data_dir, reference, "--max-iters", stop + 4, *common))
+    assert ref.communicate(timeout=240)[0] is not None and ref.returncode == 0
+    a, b = losses(out), losses(reference)
+    assert all(a[k] == b[k] for k in range(stop + 1, stop + 5)), (a, b)
 
 
 def test_gpu_lab_preset_runs_shrunk_on_the_cpu(tmp_path):

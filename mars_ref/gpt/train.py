@@ -352,6 +352,8 @@ def write_checkpoint(run: Run, done: int) -> None:
     }
     if run.d.master:
         save_checkpoint(run.ckpt_path, checkpoint)
+    if run.d.world > 1:  # no process leaves before the file is whole (torchrun stops the others when one exits)
+        dist.barrier()
     run.ckpt_step = done
 
 
