@@ -21,7 +21,7 @@ IDS = [s.stem for s in SOURCES]
 
 def test_every_notebook_is_found():
     names = [s.stem.split("_")[0] for s in SOURCES]
-    assert names == ["01", "02", "03", "03b", "04", "05", "06", "07"], names
+    assert names == ["01", "02", "02b", "03", "03b", "04", "05", "06", "07"], names
 
 
 @pytest.mark.parametrize("src", SOURCES, ids=IDS)
