@@ -5,6 +5,7 @@ gradients of a step. Every check of a step runs for every parameter group before
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -22,8 +23,15 @@ NUMBERS = {"lr": ">= 0", "eps": ">= 0", "weight_decay": ">= 0", "gamma": ">= 0",
 FLAGS = ("exact", "optimize_1d", "fallback", "maximize")
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_real(value) -> bool:
+    """A real number a float can hold (an integer beyond float's range, e.g. 10**309, is not)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def hyperparameters(group: dict, where: str) -> None:
@@ -46,7 +54,7 @@ def hyperparameters(group: dict, where: str) -> None:
             if value.device.type != "cpu":
                 continue  # read on the device by the step: reading it here would wait for the device each step
             value = float(value)
-        if not _is_real(value):
+        if not is_real(value):
             bad(name, f"must be a real number {rule}")
         if not math.isfinite(value):
             bad(name, f"must be finite (a number {rule})")
@@ -55,7 +63,7 @@ def hyperparameters(group: dict, where: str) -> None:
     for name in ("betas", "betas_1d"):
         betas = group[name]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+                and all(is_real(b) and 0.0 <= b < 1.0 for b in betas)):
             bad(name, "must be two numbers in [0, 1)")
     if group["preconditioner"] not in PRECONDITIONERS:
         bad("preconditioner", f"must be one of {PRECONDITIONERS}")

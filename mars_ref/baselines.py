@@ -18,11 +18,11 @@ are skipped.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
+from ._checks import is_real as _is_real
 from .pieces import adamw_direction, decoupled_step, fallback_lr, momentum, newton_schulz, second_moment
 
 # ---------------------------------------------------------------------------------------------- the checks
@@ -34,10 +34,6 @@ LION_SETTINGS = {"lr": _NONNEGATIVE, "betas": ("betas",), "weight_decay": _NONNE
 MUON_SETTINGS = {"lr": _NONNEGATIVE, "momentum": ("unit",), "weight_decay": _NONNEGATIVE, "nesterov": ("bool",),
                  "ns_steps": ("steps",), "ns_dtype": ("dtype",), "eps": _NONNEGATIVE, "lr_1d": _NONNEGATIVE,
                  "betas_1d": ("betas",), "eps_1d": _NONNEGATIVE, "weight_decay_1d": _NONNEGATIVE}
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_settings(owner: str, group: dict, rules: dict, where: str) -> None:

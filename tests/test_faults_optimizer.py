@@ -477,3 +477,11 @@ def test_a_loaded_state_with_nan_or_negative_values_is_refused(key, value, match
     with pytest.raises(ValueError, match=match):
         other.load_state_dict(saved)
     assert len(other.state) == 0  # left as it was
+
+
+@pytest.mark.parametrize("cls", ["MARS", "Lion", "Muon"])
+def test_an_integer_beyond_float_is_refused_naming_the_setting(cls):
+    import mars_ref
+
+    with pytest.raises(ValueError, match=r"invalid lr=1000000000000.*must be a .*real number"):
+        getattr(mars_ref, cls)(params(), lr=10**309)
