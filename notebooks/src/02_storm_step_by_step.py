@@ -12,7 +12,8 @@
 #
 # **You need.** Notebook 01 (the toys, the noise floor); exponential moving averages; big-O notation.
 #
-# **Class time.** About 60 minutes (the code runs in about 15 s on a laptop CPU).
+# **Class time.** 35 minutes in lecture 1 (§0–§4; the family table of §0 in 10 of them). The code
+# runs in about 15 s on a laptop CPU.
 # Notation: the [shared table](README.md#notation).
 #
 # Notebook 01 showed SGD stalling at a noise floor set by the variance of $g_t$. STORM
@@ -63,12 +64,15 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 #
 # | method | evaluations to $\mathbb{E}\|\nabla F\| \le \epsilon$ | assumes |
 # |---|---|---|
-# | SGD (Ghadimi & Lan) | $O(\epsilon^{-4})$ | $F$ $\ell$-smooth, $\mathbb{E}\|g - \nabla F\|^2 \le \sigma^2$ |
+# | SGD (Ghadimi & Lan) | $O(\epsilon^{-4})$ | $F$ $\ell$-smooth, $\mathbb{E}\|g - \nabla F\|^2 \le \nu^2$ |
 # | SVRG (Reddi et al.; Allen-Zhu & Hazan) | $O(N + N^{2/3}\epsilon^{-2})$ | a finite sum, each $f_i$ $\ell$-smooth |
 # | SARAH, SPIDER (Fang et al.)¹ | $O(\epsilon^{-3})$, finite sum $O(N + \sqrt N\epsilon^{-2})$ | mean-squared smooth |
 # | STORM (Cutkosky & Orabona) | $\tilde O(\epsilon^{-3})$ | each $f(\cdot, \xi)$ smooth a.s.², bounded gradients |
 # | MARS, exact (Yuan et al.) | STORM-type in the paper's analysis | the same, a preconditioner in a fixed range |
 # | MARS, approx (what is run) | no guarantee beyond momentum's | |
+#
+# $\nu^2$ bounds the whole noise vector's squared norm; the valley's $\sigma$ (notebook 01) is per coordinate,
+# so there $\nu^2 = n\sigma^2$.
 #
 # ¹ SARAH's own paper analyses convex problems; its nonconvex rate came later (SPIDER, and SARAH's
 # follow-ups). ² A stronger assumption than mean-squared smoothness; STORM also assumes bounded gradients
@@ -235,9 +239,8 @@ assert progress["exact STORM"] < 1.1 * others           # not more than 10 % beh
 # (its markers sit on SGD's line). The second figure is what an optimizer is for:
 # $\|\nabla F(x_t)\|^2$ per gradient evaluation. Here the picture is more modest. Exact STORM starts
 # slower (it pays two evaluations per step) and only catches up late: at the end of this budget it is
-# somewhat ahead of the best other method (about 20 % in the printout above; a longer
-# `MARS_REF_FULL=1` run, not committed, tied with momentum when the notebook was written, so the
-# assertion is only "not more than 10 % behind at equal cost"). A 40× smaller estimator error at the
+# somewhat ahead of the best other method (the printout above); the margin depends on the budget, so the
+# assertion is only "not more than 10 % behind at equal cost". A 40× smaller estimator error at the
 # *same* step size does not make a 40× better optimizer: the error is one of several things that limit progress (the
 # step size, the
 # curvature, the cost per step). Notebook 03b looks for the regime where it does pay.
@@ -361,6 +364,16 @@ assert gap_storm < 1e-9 and gap_sgd < 1e-9
 #   (checked to $10^{-14}$). Notebook 03 looks at the size of the scale $\gamma\beta_1/(1-\beta_1)$ and at
 #   why MARS clips $c_t$; notebook 03b at where the variance reduction pays.
 #
+# ## Questions
+#
+# Answers at the end of the notebook.
+#
+# 1. Exact STORM's error is 10× or more below SGD's, yet its $\|\nabla F\|^2$ per gradient evaluation is only a
+#    little better. Name two reasons.
+# 2. Why is approx STORM at full strength ($\gamma = 1$) exactly SGD, and why is that not true of exact STORM?
+# 3. Which assumption separates the $O(\epsilon^{-3})$ rows of the rate table from SGD's $O(\epsilon^{-4})$, and
+#    what does it require of the way gradients are computed?
+#
 # ## Exercises
 #
 # Write each function in its cell, run it, then run the `check` cell under it. Reference solutions:
@@ -369,7 +382,8 @@ assert gap_storm < 1e-9 and gap_sgd < 1e-9
 # **Exercise 02.1 · Exact STORM under additive noise.** On `toys.Noisy2D` the noise does not depend on
 # $x$, so $\zeta_t(x_t) = \zeta_t(x_{t-1})$ and the recursion becomes $e_t = (1-a)e_{t-1} + a\sigma\xi_t$, with
 # $e_1 = \sigma\xi_1$. Write `exact_storm_error_additive(a, sigma, t, dim=2)` returning $\mathbb{E}\|e_t\|^2$ in
-# closed form, and compare it with `toys.run(toys.Noisy2D(sigma), "storm-exact", ...)`.
+# closed form, and compare it with `toys.run(toys.Noisy2D(sigma), "storm-exact", ...)`. Closed form means no
+# loop over the steps: the check asks for $t$ up to $10^9$ (with $a = 10^{-9}$) and has a time limit.
 
 # %%
 def exact_storm_error_additive(a, sigma, t, dim=2):
@@ -384,8 +398,9 @@ check("02.1", exact_storm_error_additive)
 # %% [markdown]
 # **Exercise 02.2 · Noise of the approx correction.** For independent noise draws, the noise of $c_t$ is
 # $(1+k)^2 + k^2$ times that of $g_t$, $k = \gamma\beta_1/(1-\beta_1)$. Write `gamma_doubling_noise(beta1)`: the
-# $\gamma$ at which approx $c_t$ is twice as noisy as $g_t$. Is the default $\gamma = 0.025$ above or below it
-# at $\beta_1 = 0.95$?
+# $\gamma$ at which approx $c_t$ is twice as noisy as $g_t$. The equation for $k$ has two roots: which one is a
+# $\gamma$ that `mars_ref.MARS` accepts ($\gamma \ge 0$ and finite)? Is the default $\gamma = 0.025$ above or
+# below it at $\beta_1 = 0.95$?
 
 # %%
 def gamma_doubling_noise(beta1):
@@ -398,6 +413,17 @@ def gamma_doubling_noise(beta1):
 check("02.2", gamma_doubling_noise)
 
 # %% [markdown]
+# ## Answers to the questions
+#
+# 1. It pays two gradient evaluations per step, so at equal cost it takes half the steps; and the error of the
+#    estimate is one of several limits on progress: the step size and the curvature limit it too, and at this
+#    $\eta$ the iterate already averages much of SGD's noise (notebook 01). Notebook 03b finds where it pays.
+# 2. With $g_{\text{prev}} = g_{t-1}$ the recursion is $d_t - g_t = (1-a)(d_{t-1} - g_{t-1})$, and $d_1 = g_1$ makes
+#    the gap 0 forever. Exact STORM subtracts $\nabla f(x_{t-1}, \xi_t)$, the *same* sample at the previous point,
+#    which is not $g_{t-1}$: the difference cancels the noise of $\xi_t$ instead of the estimate's memory.
+# 3. Mean-squared smoothness, $\mathbb{E}_\xi\|\nabla f(x, \xi) - \nabla f(y, \xi)\|^2 \le \ell^2\|x - y\|^2$. It is
+#    only useful if one sample's gradient can be evaluated at two points (two evaluations of the same minibatch).
+#
 # ## References
 #
 # * A. Cutkosky, F. Orabona, *Momentum-Based Variance Reduction in Non-Convex SGD* (STORM), NeurIPS 2019,

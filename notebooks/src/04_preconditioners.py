@@ -11,13 +11,15 @@
 # and the paper's three optimizers differ only in $\mathcal{P}$: AdamW's per-coordinate scale, Lion's
 # sign, and "Shampoo", which we climb down as a ladder of three rungs: full Shampoo (accumulated
 # Kronecker factors, inverse fourth roots) → one-step Shampoo (exactly $UV^\top$, by SVD) →
-# Newton–Schulz (five matrix products, what the authors run, in bfloat16). Last, with $\gamma = 0$
-# MARS *is* its base optimizer, to machine precision: everything MARS adds is the correction term.
+# Newton–Schulz (five matrix products, what the authors run, in bfloat16). Last, with $\gamma = 0$ and
+# `clip="none"` MARS *is* its base optimizer, to machine precision: everything MARS adds is the correction
+# and its clip. (With the default per-tensor clip, $\gamma = 0$ gives the base optimizer on clipped gradients.)
 #
 # **You need.** Notebooks 02–03 (what $m_t$ is); the singular value decomposition; eigenvalues of
 # symmetric matrices. Adam/AdamW at the level of its update equations.
 #
-# **Class time.** About 50 minutes (the code runs in under 10 s on a laptop CPU). Notation: the
+# **Class time.** 20 minutes in lecture 2 (§2 in 3, §3 the Shampoo ladder in 12, §4 in 5); §1 (AdamW's
+# diagonal) is reading, 5 minutes. The code runs in under 10 s on a laptop CPU. Notation: the
 # [shared table](README.md#notation). Where the published implementations differ in small details
 # (where AdamW's `eps` goes) and how the three implementations of the step in `mars_ref` agree is in
 # the appendix notebook `07_appendix_porting.ipynb`: porting matters, not part of this lesson.
@@ -113,20 +115,21 @@ claims.check({
 #
 # Every coordinate moves by exactly $\pm\eta$, so $\|u_t\|_F = \sqrt{n}$ whatever the gradient's
 # size (and Adam's first step, section 1, is this sign up to `eps`).
-# **Lion itself** (Chen et al., 2023) is not quite this: it uses a second $\beta$,
+# **Lion itself** (Chen et al., 2023) is not quite this: it has two constants of its own, which its paper
+# calls $\beta_1, \beta_2$ and we write $b_1, b_2$ (they are not MARS's momentum and second-moment constants):
 #
-# $$u_t = \operatorname{sign}\big(\beta_1 m_{t-1} + (1-\beta_1) g_t\big), \qquad
-#   m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t ,$$
+# $$u_t = \operatorname{sign}\big(b_1 m_{t-1} + (1-b_1) g_t\big), \qquad
+#   m_t = b_2 m_{t-1} + (1-b_2) g_t ,$$
 #
-# i.e. the sign of a *different* interpolation than the average it stores. With Lion's
-# $\beta_1 = \beta_2$ the two coincide, which section 4 checks. A small demonstration of how
-# often the two disagree in sign with Lion's default $(\beta_1, \beta_2) = (0.9, 0.99)$:
+# i.e. the sign of a *different* interpolation than the average it stores. With $b_1 = b_2$ the two
+# coincide, and Lion is MARS-Lion at $\gamma = 0$ with $\beta_1 = b_1$, which section 4 checks. A small
+# demonstration of how often the two disagree in sign with Lion's default $(b_1, b_2) = (0.9, 0.99)$:
 
 # %%
 # NBVAL_CHECK_OUTPUT
 gen = torch.Generator().manual_seed(1)
 signal = torch.randn(10_000, generator=gen, dtype=torch.float64)
-m_lion = torch.zeros_like(signal)  # Lion's stored average (β2 = 0.99)
+m_lion = torch.zeros_like(signal)  # Lion's stored average (b2 = 0.99)
 m_mars = torch.zeros_like(signal)  # MARS-Lion's average (β1 = 0.9), γ = 0, no clipping
 disagree = []
 for _ in range(200):
@@ -229,15 +232,15 @@ ax0.axhspan(0.7, 1.2, color=style.ORANGE, alpha=0.15, label="[0.7, 1.2]")
 ax0.set(xlabel=r"singular value $s_i$ of $X_0 = M/\|M\|_F$", ylim=(-0.05, 1.6),
         ylabel=r"$u_i^\top X_j v_i$ (= $p^{(j)}(s_i)$ exactly)",
         title="What j steps do to each singular value\n(lines float64, dots bfloat16)")
-ax0.legend(ncol=4, loc="upper center", fontsize=11)
+ax0.legend(ncol=3, loc="upper center")
 ax1.plot(list(ks), dist[torch.float64], "o-", color=style.BLUE, label=r"float64: $\|X_j - UV^\top\|_F / \|UV^\top\|_F$")
 ax1.plot(list(ks), dist[torch.bfloat16], "s--", color=style.VERMILION, label=r"bfloat16: the same")
 ax1.plot(list(ks)[1:], bf_vs_64, "^:", color=style.GREEN, label=r"$\|X_j^{bf16} - X_j^{f64}\|_F / \|X_j^{f64}\|_F$")
 ax1.axvline(5, color=style.GREY, lw=1.5, ls="-")
-ax1.text(5.2, 0.93, "the authors' 5 steps", color=style.GREY, fontsize=11)
+ax1.text(5.2, 0.03, "the authors' 5 steps", color=style.GREY, fontsize=12)
 ax1.set(xlabel="Newton–Schulz steps j", ylabel="relative Frobenius distance", ylim=(0, 1),
         title="Distance to the polar factor: falls, then levels off")
-ax1.legend(loc="center right", fontsize=11)
+ax1.legend(loc="upper right")
 style.save(fig, "04_newton_schulz")
 plt.show()
 
@@ -354,10 +357,10 @@ print(f"teacher-student loss: step 1 {losses[0]:.3f}, step {STEPS} {losses[-1]:.
 # %%
 all_ladders = {**random_ladders, **real_ladders}
 fig, (ax0, ax1) = style.figure(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
-for i, (name, lad) in enumerate(all_ladders.items()):
-    ax0.semilogy(range(1, STEPS + 1), lad["full->one-step"], color=style.CYCLE[i],
-                 ls="--" if name.startswith("random") else "-", marker="os^Dv"[i], markevery=5, label=name)
-ax0.set(xlabel=r"number of gradients $T$ accumulated in $L_T, R_T$",
+for i, (name, lad) in enumerate(all_ladders.items()):  # from T = 2: at T = 1 the distance is round-off (printed)
+    ax0.plot(range(2, STEPS + 1), lad["full->one-step"][1:], color=style.CYCLE[i],
+             ls="--" if name.startswith("random") else "-", marker="os^Dv"[i], markevery=5, label=name)
+ax0.set(xlabel=r"number of gradients $T$ accumulated in $L_T, R_T$ (from 2)", ylim=(0, None),
         ylabel="relative distance (scale matched)", title="Rung 1 → rung 2: full Shampoo vs $UV^\\top$")
 ax0.legend(title="matrix")
 keys = [("full->one-step", "full Shampoo → $UV^\\top$"), ("one-step->NS", "$UV^\\top$ → NS$_5$ (float64)"),
@@ -367,9 +370,9 @@ for j, ((key, label), colour, hatch) in enumerate(zip(keys, (style.BLUE, style.O
                                                       strict=True)):
     ax1.bar([i + (j - 1) * width for i in range(len(all_ladders))], [lad[key][-1] for lad in all_ladders.values()],
             width, label=label, color=colour, hatch=hatch, edgecolor="white")
-ax1.set_xticks(range(len(all_ladders)), [n.replace(" ", "\n") for n in all_ladders], fontsize=11)
+ax1.set_xticks(range(len(all_ladders)), [n.replace(" ", "\n") for n in all_ladders])
 ax1.set(ylabel="relative Frobenius distance", ylim=(0, 1), title=f"Between rungs after T = {STEPS} steps")
-ax1.legend(loc="upper left", fontsize=11)
+ax1.legend(loc="upper left")
 style.save(fig, "04_shampoo_ladder")
 plt.show()
 
@@ -425,7 +428,7 @@ claims.check({
 # weight decay on:
 #
 # * MARS-AdamW (`optimize_1d=True`, so biases take the same path) vs `torch.optim.AdamW`;
-# * MARS-Lion vs `mars_ref.Lion` with $\beta_1 = \beta_2$;
+# * MARS-Lion ($\beta_1 = 0.9$) vs `mars_ref.Lion` with $b_1 = b_2 = 0.9$;
 # * MARS-Shampoo (`ns_dtype=torch.float64`) vs orthogonalised momentum written out with
 #   `newton_schulz`: $m_t = \beta_1 m_{t-1} + (1-\beta_1)g_t$,
 #   $x \leftarrow x - \eta\big(\lambda x + \sqrt{\max(1, \text{rows}/\text{cols})}\,\mathrm{NS}_5(m_t/(1-\beta_1))\big)$
@@ -511,15 +514,23 @@ claims.check({
 # * **AdamW's diagonal** divides each coordinate by its own running RMS: the step is independent
 #   of the gradient's scale, and the first step is a sign step (both checked).
 # * **Lion's sign** moves each coordinate by $\pm\eta$. MARS-Lion takes the sign of its one
-#   momentum; Lion takes the sign of a second interpolation, and they agree only with $\beta_1 = \beta_2$.
+#   momentum; Lion takes the sign of a second interpolation, and they agree only with Lion's $b_1 = b_2$.
 # * **The Shampoo ladder**: full Shampoo ($L^{-1/4}MR^{-1/4}$, accumulated) → one-step Shampoo,
 #   which is *exactly* $UV^\top$ (shown algebraically and to $10^{-9}$ numerically) → Newton–Schulz,
 #   whose five steps put the singular values above $\sim 10^{-3}\|M\|_F$ into $\approx[0.7, 1.2]$
 #   (smaller ones stay small) and whose distance to $UV^\top$ levels off instead of going to 0 with more
 #   steps. Accumulation moves full Shampoo more than 20 % away from the rung below it:
 #   MARS-Shampoo is orthogonalised momentum, as in Muon.
-# * **$\gamma = 0$** gives back AdamW, Lion ($\beta_1 = \beta_2$) and orthogonalised momentum to
-#   $10^{-12}$ in float64: everything MARS adds lives in the correction term.
+# * **$\gamma = 0$ with `clip="none"`** gives back AdamW, Lion ($b_1 = b_2$) and orthogonalised momentum to
+#   $10^{-12}$ in float64: everything MARS adds lives in the correction term and its clip.
+#
+# ## Questions
+#
+# Answers at the end of the notebook.
+#
+# 1. Why is Adam's first step a sign step, whatever the gradient's size?
+# 2. One-step Shampoo is $UV^\top$. What does that make MARS-Shampoo, as the authors run it?
+# 3. MARS at $\gamma = 0$ with its default `clip="tensor"`: is it AdamW? When would the difference show?
 #
 # ## Exercises
 #
@@ -529,8 +540,9 @@ claims.check({
 # **Exercise 04.1 · Newton–Schulz on a scalar.** Write `ns_singular_values(M, steps)` that returns the
 # singular values of `newton_schulz(M, steps, dtype=torch.float64)` *without* any matrix product:
 # normalise the singular values of $M$ by $\|M\|_F$ (plus `eps` = $10^{-7}$, as `newton_schulz` does) and
-# apply the polynomial $p(s) = q_1 s + q_3 s^3 + q_5 s^5$ `steps` times. Then: how many steps does a singular
-# value of $10^{-6}$ (relative to $\|M\|_F$) need to reach 0.5?
+# apply the polynomial $p(s) = q_1 s + q_3 s^3 + q_5 s^5$ `steps` times (the check notices a call to
+# `newton_schulz`). Then: how many steps does a singular value of $10^{-6}$ (relative to $\|M\|_F$) need to
+# reach 0.5?
 
 # %%
 def ns_singular_values(M, steps):
@@ -546,8 +558,10 @@ check("04.1", ns_singular_values)
 # **Exercise 04.2 · Shampoo with damping.** Real Shampoo adds $\texttt{eps}\cdot I$ to $L$ and $R$. Show that with
 # $L = MM^\top + \texttt{eps}\,I$, $R = M^\top M + \texttt{eps}\,I$ one-step Shampoo is
 # $U\,\mathrm{diag}\big(s_i/\sqrt{s_i^2+\texttt{eps}}\big)V^\top$, write it as `damped_one_step_shampoo(M, eps)` with
-# one SVD, and compare it with `shampoo_direction(M @ M.T, M.T @ M, M, eps)`. Which singular directions does
-# the damping suppress?
+# one SVD, and compare it with `shampoo_direction(M @ M.T, M.T @ M, M, eps)`. The check also uses an
+# ill-conditioned $M$ (singular values down to $10^{-9}$) with `eps` down to $10^{-24}$: there forming $MM^\top$
+# loses the weak directions to round-off and `shampoo_direction` is off by $O(1)$, while one SVD of $M$ is
+# accurate. Which singular directions does the damping suppress?
 
 # %%
 def damped_one_step_shampoo(M, eps):
@@ -560,6 +574,15 @@ def damped_one_step_shampoo(M, eps):
 check("04.2", damped_one_step_shampoo)
 
 # %% [markdown]
+# ## Answers to the questions
+#
+# 1. At step 1, $m_1 = (1-\beta_1)c_1$ and $v_1 = (1-\beta_2)c_1^2$; the bias corrections divide these factors
+#    out, so $u_1 = c_1/(|c_1| + \texttt{eps}) \approx \operatorname{sign}(c_1)$ in every coordinate.
+# 2. Orthogonalised momentum, as in Muon: Newton–Schulz of $m_t$, a loose and cheap $UV^\top$; no accumulated
+#    second-moment factors, so not Shampoo in the sense of Gupta et al.
+# 3. No: it is AdamW on gradients clipped to norm 1 per tensor. The difference shows whenever a tensor's
+#    gradient norm exceeds 1 (early training, spikes), and vanishes when every norm stays below it.
+#
 # ## References
 #
 # * V. Gupta, T. Koren, Y. Singer, *Shampoo: Preconditioned Stochastic Tensor Optimization*, ICML 2018,

@@ -10,7 +10,8 @@
 #
 # **You need.** Notebooks 02–05; a transformer language model at the level of nanoGPT.
 #
-# **Class time.** About 50 minutes (the code runs in about a minute on a laptop CPU).
+# **Class time.** In the lab: 20 minutes (run it at CPU scale, read the variance probe); the paper's table
+# and the text sample are reading (10 minutes). The code runs in about a minute on a laptop CPU.
 # Notation: the [shared table](README.md#notation).
 #
 # The paper's headline experiment trains GPT-2 on OpenWebText with AdamW and with MARS and
@@ -20,7 +21,8 @@
 #
 # 1. the model and the recipe: the learning-rate schedule, MARS-AdamW's update, and which
 #    tensors take MARS's 1-D AdamW fallback;
-# 2. validation loss against training tokens for AdamW, MARS-AdamW (approximate and exact) and
+# 2. validation loss against training tokens for AdamW, MARS-AdamW (approximate and exact), MARS-AdamW
+#    with $\gamma = 0$ (the control: the same optimizer, $\beta_1$ and recipe without the correction) and
 #    MARS-Shampoo (MARS-Lion is one line away);
 # 3. the **variance instrumentation**: during training, every 25 steps, how far the raw
 #    minibatch gradient $g_t$, MARS's corrected gradient $c_t$ and the momentum $m_t$ are from
@@ -62,7 +64,7 @@ from mars_ref.gpt.train import TrainConfig, load_model, make_optimizer, model_co
 
 # ═════════════════════════════ THE ONE SETTING OF THIS NOTEBOOK ═════════════════════════════
 # "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~1 min.
-# "gpu-lab"    : one GPU, about an hour (estimated from FLOPs; never run on a GPU here): --preset gpu-lab
+# "gpu-lab"    : one GPU, about an hour (estimated from FLOPs; not yet run on a GPU): --preset gpu-lab
 #                (6 × 384, GPT-2 tokens, 1,500 steps of 16 × 256) for AdamW, MARS-AdamW and exact MARS. Also
 #                MARS_REF_SCALE=gpu-lab. (Verified here on the CPU only
 #                at shrunk size: tests/test_train.py::test_gpu_lab_preset_runs_shrunk_on_the_cpu.)
@@ -84,7 +86,9 @@ if SCALE == "cpu":
                   eval_iters=10, variance_every=25, variance_batches=8, ckpt_interval=0, sample_tokens=0)
     # MARS-Lion works the same way: add "MARS-Lion": ("mars-lion", False) (about 10 s more).
     RUNS = {"AdamW": ("adamw", False), "MARS-AdamW": ("mars-adamw", False),
-            "MARS-AdamW exact": ("mars-adamw", True), "MARS-Shampoo": ("mars-shampoo", False)}
+            "MARS-AdamW exact": ("mars-adamw", True), "MARS gamma=0": ("mars-adamw", False, 0.0),
+            "MARS-Shampoo": ("mars-shampoo", False)}
+    STEP_IMPL = "readable"  # on the CPU; "fused" is the fast one there, the same step
 elif SCALE == "gpu-lab":
     if not torch.cuda.is_available():
         raise RuntimeError("SCALE = 'gpu-lab' is sized for one CUDA GPU and none is visible; use SCALE = 'cpu'")
@@ -92,8 +96,11 @@ elif SCALE == "gpu-lab":
     DATA_DIR, RUNS_DIR = Path(WORK.name) / "data", Path(WORK.name) / "runs"
     DATASET = "shakespeare-gpt2"
     COMMON = dict(preset="gpu-lab", device="cuda", variance_every=150, variance_batches=16, sample_tokens=0)
+    # The gamma = 0 control costs a fourth run (about a third more time): add "MARS gamma=0": ("mars-adamw", False,
+    # 0.0) when the lab has the time; without it the probe cannot put a difference on the correction.
     RUNS = {"AdamW": ("adamw", False), "MARS-AdamW": ("mars-adamw", False),
             "MARS-AdamW exact": ("mars-adamw", True)}
+    STEP_IMPL = "foreach"  # MARS's grouped kernels, the fast step on CUDA (the trainer's --step-impl)
 elif SCALE == "gpt2-small":
     if not torch.cuda.is_available():
         raise RuntimeError("SCALE = 'gpt2-small' trains GPT-2 small on CUDA GPUs and none is visible; "
@@ -105,19 +112,24 @@ elif SCALE == "gpt2-small":
     COMMON = dict(preset="gpt2-small", device="cuda", variance_every=1000, variance_batches=16)
     RUNS = {"AdamW": ("adamw", False), "MARS-AdamW": ("mars-adamw", False),
             "MARS-AdamW exact": ("mars-adamw", True)}
+    STEP_IMPL = "foreach"  # as `torchrun ... --step-impl foreach` (docs: notebooks/README.md)
 else:
     raise ValueError(f"SCALE must be 'cpu', 'gpu-lab' or 'gpt2-small', not {SCALE!r}")
 
 
 def config(name: str) -> TrainConfig:
-    """The resolved training config of run ``name``: the preset and the optimizer's recipe, plus COMMON."""
-    optimizer, exact = RUNS[name]
-    out_dir = RUNS_DIR / f"{COMMON['preset']}-{optimizer}{'-exact' if exact else ''}"  # train's default naming
-    return resolve(TrainConfig(optimizer=optimizer, exact=exact, dataset=DATASET, data_dir=str(DATA_DIR),
-                               out_dir=str(out_dir), **COMMON))
+    """The resolved training config of run ``name``: the preset and the optimizer's recipe, plus COMMON
+    (``RUNS[name]`` is (optimizer, exact) or (optimizer, exact, gamma); MARS runs take ``STEP_IMPL``)."""
+    optimizer, exact, *gamma = RUNS[name]
+    gamma = gamma[0] if gamma else None  # None: the recipe's
+    out_dir = RUNS_DIR / (f"{COMMON['preset']}-{optimizer}{'-exact' if exact else ''}"  # train's default naming
+                          + (f"-gamma{gamma:g}" if gamma is not None else ""))
+    step_impl = STEP_IMPL if optimizer.startswith("mars") else "readable"  # AdamW has its own step
+    return resolve(TrainConfig(optimizer=optimizer, exact=exact, gamma=gamma, dataset=DATASET, data_dir=str(DATA_DIR),
+                               out_dir=str(out_dir), step_impl=step_impl, **COMMON))
 
 
-print(f"SCALE = {SCALE!r}: preset {COMMON['preset']}, runs: {', '.join(RUNS)}")
+print(f"SCALE = {SCALE!r}: preset {COMMON['preset']}, runs: {', '.join(RUNS)}; MARS step: {STEP_IMPL}")
 
 # %% [markdown]
 # ## The data
@@ -334,7 +346,7 @@ def probes(name):
     return [r for r in metrics[name] if r["kind"] == "variance"]
 
 
-VAR_RUNS = [n for n in ("AdamW", "MARS-AdamW", "MARS-AdamW exact") if n in RUNS and probes(n)]
+VAR_RUNS = [n for n in ("AdamW", "MARS gamma=0", "MARS-AdamW", "MARS-AdamW exact") if n in RUNS and probes(n)]
 ESTIMATE_STYLE = {"g": ("minibatch gradient $g_t$", dict(color=style.BLUE, ls=":", marker="o")),
                   "c": ("corrected $c_t$", dict(color=style.VERMILION, ls="--", marker="s")),
                   "m": ("momentum $m_t$", dict(color=style.GREEN, ls="-", marker="^"))}
@@ -439,7 +451,7 @@ plt.show()
 print(f"k = gamma * beta1 / (1 - beta1) = {k:.3f}; predicted MSE(c)/MSE(g) for approx MARS: {predicted:.2f}")
 print("medians over the probes (floor: the held-out estimate's noise, subtracted in the MSE ratios)")
 print(f"{'run':>17} | MSE(c)/MSE(g) | MSE(m)/MSE(g), 2nd half | MSE(m)/zero vector | 1-cos(g) | 1-cos(m)")
-late_m, rel_m, cos_g, cos_m, g_vs_zero = {}, {}, {}, {}, {}
+late_m, rel_m, cos_g, cos_m, g_vs_zero, late_cos_m = {}, {}, {}, {}, {}, {}
 for name in VAR_RUNS + [n for n in RUNS if n not in VAR_RUNS and probes(n)]:
     p = probes(name)
     c_ratio = f"{median_ratio(name, 'c'):13.2f}" if "mse_c" in p[0] else f"{'-':>13}"
@@ -447,14 +459,18 @@ for name in VAR_RUNS + [n for n in RUNS if n not in VAR_RUNS and probes(n)]:
     rel_m[name] = statistics.median(r["rel_m"] for r in p)
     cos_g[name] = statistics.median(r["cos_err_g"] for r in p)
     cos_m[name] = statistics.median(r["cos_err_m"] for r in p)
+    late_cos_m[name] = statistics.median(r["cos_err_m"] for r in p[len(p) // 2:])
     g_vs_zero[name] = statistics.median(r["mse_g"] / r["full_grad_sq"] for r in p if r["step"] > 100)
     print(f"{name:>17} | {c_ratio} | {late_m[name]:23.2f} | {rel_m[name]:18.2f} | {cos_g[name]:8.2f} | "
           f"{cos_m[name]:8.2f}")
+if "MARS gamma=0" in late_m:  # the control: the same optimizer, beta1 and recipe, without the correction
+    print(f"MARS-AdamW vs its gamma = 0 control, second half: MSE(m)/MSE(g) {late_m['MARS-AdamW']:.2f} vs "
+          f"{late_m['MARS gamma=0']:.2f}, 1-cos(m) {late_cos_m['MARS-AdamW']:.2f} vs {late_cos_m['MARS gamma=0']:.2f}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
 if SCALE == "cpu":
-    approx = [n for n in RUNS if n.startswith("MARS") and "exact" not in n]
+    approx = [n for n in RUNS if n.startswith("MARS-") and "exact" not in n]  # gamma = 0.025, not the control
     claims.check({
         "approx MARS: c_t is over 1.6x noisier than g_t (predicted 2.40)":
             all(median_ratio(n, "c") > 1.6 for n in approx),
@@ -465,21 +481,33 @@ if SCALE == "cpu":
             all(cos_m[n] > cos_g[n] + 0.1 for n in cos_m),
         "after step 100, MSE(g_t) is at least 0.8x the zero vector's (median): g_t is mostly noise":
             all(v > 0.8 for v in g_vs_zero.values()),
+        "MARS-AdamW and its gamma = 0 control (same beta1): late 1-cos(m) within 0.15 of each other":
+            abs(late_cos_m["MARS-AdamW"] - late_cos_m["MARS gamma=0"]) < 0.15,
     })
 
 # %% [markdown]
 # **Reading.** The measured noise ratio of approximate MARS's $c_t$ sits near the predicted 2.40 for
 # both preconditioners (the table; the real gradient also drifts between steps, and eight held-out
-# batches are a noisy ruler), exact MARS's near 1. Every momentum has under three quarters of the MSE
-# of $g_t$ in the second half of training, MARS and AdamW alike, but an MSE about that of the zero
-# vector and a cosine with $\hat\nabla F$ worse than $g_t$'s. (The held-out noise also pulls every
-# cosine towards 0, by the same factor for every estimate, so the comparison between them is fair.)
+# batches are a noisy ruler), exact MARS's near 1, and the $\gamma = 0$ control's at 1 ($c_t$ is then the
+# clipped $g_t$). Every momentum has under three quarters of the MSE of $g_t$ in the second half of
+# training, but an MSE about that of the zero vector and a cosine with $\hat\nabla F$ worse than $g_t$'s.
+# (The held-out noise also pulls every cosine towards 0, by the same factor for every estimate, so the
+# comparison between them is fair.)
 #
-# So at this scale **the variance reduction of MARS does not show**: its momentum is no closer to
-# the full gradient than AdamW's, within what this probe can measure. That is not a contradiction of
+# **What the probe can put on the correction.** Only the comparison with the **$\gamma = 0$ control** can:
+# the same optimizer, the same $\beta_1 = 0.95$, the same recipe, without the correction. AdamW is no
+# control for it: its $\beta_1 = 0.9$ averages over half as many steps, and its learning rate differs. Against
+# the control, MARS-AdamW's momentum is not measurably closer to $\nabla F$: both momenta sit at the zero
+# vector's MSE, and their late cosines are close (the last line of the table). The ratio to $\mathrm{MSE}(g_t)$
+# differs between the two runs, but with both momenta no better than guessing 0 that ratio measures the
+# runs' gradients, not an estimate; and each run is one seed. At the GPU scales the control is not among the
+# runs (it costs a fourth run), so there this comparison cannot be made.
+#
+# So at this scale **the variance reduction of MARS does not show**. That is not a contradiction of
 # the paper, whose gain is a few hundredths of a nat after billions of tokens, but it is an honest
 # reminder that the name describes a mechanism, that with $\gamma = 0.025$ the mechanism is a
-# small one, and that "variance" must be measured with care: an MSE can be won by shrinking.
+# small one, and that "variance" must be measured with care: an MSE can be won by shrinking, and a
+# difference is put on a term only against a control that differs in that term alone.
 #
 # ## A sample from the trained MARS-AdamW model
 #
@@ -579,7 +607,8 @@ claims.check({
 #   near the $(1+k)^2 + k^2 = 2.40$ of independent noise; exact MARS's is about as noisy as $g_t$.
 # * Every momentum has a much smaller MSE than $g_t$ late in training, but no smaller than the zero
 #   vector's, and a worse cosine: it wins by being small. Measure direction as well as size.
-#   The variance reduction of MARS itself does not show at this scale.
+#   Against the $\gamma = 0$ control (same $\beta_1$, same recipe), the variance reduction of MARS itself does
+#   not show at this scale.
 #
 # ## Exercises
 #
