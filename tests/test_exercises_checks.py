@@ -13,7 +13,8 @@ import mars_ref.pieces
 from mars_ref.course import exercises
 from mars_ref.pieces import newton_schulz, shampoo_direction
 
-SOLUTIONS = {name: load_solution(name) for name in ("nb01", "nb02", "nb03", "nb03b", "nb04", "nb05", "nb06")}
+SOLUTIONS = {f"nb{notebook}": load_solution(f"nb{notebook}")
+             for notebook in sorted({exercise.split(".")[0] for exercise in exercises.EXERCISES})}
 
 
 @pytest.mark.parametrize("exercise", sorted(exercises.EXERCISES))
@@ -33,6 +34,8 @@ WRONG = {  # plausible mistakes, one per exercise
     "01.2": lambda problem, x, B: SOLUTIONS["nb01"].noise_without_replacement(problem, x, 1) / B,  # with replacement
     "02.1": lambda a, sigma, t, dim=2: dim * sigma**2 * a / (2 - a),          # the limit only
     "02.2": lambda beta1: 0.025,
+    "02b.1": lambda X, Y, alpha, batch: SOLUTIONS["nb02b"].svrg_variance(X, Y, alpha, 1),  # forgets the batch
+    "02b.2": lambda X, Y: 1.0,                                                 # plain SVRG's coefficient
     "03.1": lambda lr, tau, n, clip: lr * tau,                               # forgets sqrt(J) per tensor
     "03.2": lambda parts, tau: 1.0,
     "03b.1": lambda a, eta, h: a / (eta * h + a),                            # the approximation, not exact
