@@ -168,11 +168,11 @@ def gradients(params: Sequence[Tensor], grads: Sequence[Tensor], names: Sequence
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """True if every (0-d) tensor is finite: one host synchronisation per device, for all groups together."""
+    """True if every element of every tensor is finite: one host synchronisation per device, for all groups."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for x in tensors:
         by_device.setdefault(x.device, []).append(x)
-    return all(bool(torch.isfinite(torch.stack(xs)).all()) for xs in by_device.values())
+    return all(bool(torch.isfinite(torch.cat([x.reshape(-1) for x in xs])).all()) for xs in by_device.values())
 
 
 def diagnose(norm: Tensor, g: Tensor, g_prev: Tensor | None, c: Tensor | None, k: float, fallback: bool,
@@ -246,6 +246,6 @@ def name_the_culprit(groups, norms_of: list[list[Tensor]], unclipped) -> None:
                 norms[idx] = diagnose(n, grad, lists.g_prevs[idx], c, 0.0 if b == "fallback" else h.k,
                                       b == "fallback", h.exact, lists.names[idx]).to(n.dtype)
             if squared_unclipped(b, h.clip):
-                big = float(unclipped(g, idx).abs().amax())
+                big = float(torch.linalg.vector_norm(unclipped(g, idx), ord=math.inf))
                 if big > square_limit(grad.dtype):
                     raise squares_overflow(big, grad.dtype, lists.names[idx])

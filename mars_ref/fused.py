@@ -178,12 +178,14 @@ def correction_norms(lists, k: float) -> list[Tensor]:
     return list(torch.tensor(norms, dtype=torch.float64).unbind())
 
 
-def step(lists, h, clip: list[Tensor]) -> None:
+def step(lists, h, clip: list[Tensor | None]) -> None:
     """Pass 2 (``mars_adamw`` / ``mars_lion``): correction, clip, m_t (and v_t), u_t, x_{t+1}, then
     g_prev ← g_t (approx) or x_prev ← x_t (exact), one loop per tensor."""
     lib, _ = library()
     threads = torch.get_num_threads()
-    clip = torch.stack(clip).tolist() if clip else []  # one host list, not one .item() per tensor
+    given = [f for f in clip if f is not None]  # None: not clipped
+    values = iter(torch.stack(given).tolist() if given else [])  # one host list, not one .item() per tensor
+    clip = [1.0 if f is None else next(values) for f in clip]
     lr, lr_1d = float(h.lr), float(h.fallback_lr)  # CPU only: reading a tensor lr costs no device wait
     for i, x in enumerate(lists.params):
         g, gp, m, v, x_prev, n = lists.grads[i], lists.g_prevs[i], lists.ms[i], lists.vs[i], lists.x_prevs[i], \

@@ -360,11 +360,14 @@ def _checked_norms(groups: list[_Group]) -> list[list[Tensor]]:
             fused.check_tensors(lists)
             norms = fused.correction_norms(lists, h.k)
         norms_of.append(norms)
-        for idx, (n, b, p) in enumerate(zip(norms, lists.branches, lists.params, strict=True)):
-            checked.append(n)
-            if _checks.squared_unclipped(b, h.clip):  # v_t squares it unclipped: its largest element must fit
-                big = _unclipped(g, idx).abs().amax()
-                checked.append(torch.where(big <= _checks.square_limit(p.dtype), big, torch.nan))
+        checked.extend(norms)
+        largest: dict[torch.dtype, list[Tensor]] = {}  # v_t squares these unclipped: their largest elements must fit
+        for idx, (b, p) in enumerate(zip(lists.branches, lists.params, strict=True)):
+            if _checks.squared_unclipped(b, h.clip):
+                largest.setdefault(p.dtype, []).append(torch.linalg.vector_norm(_unclipped(g, idx), ord=math.inf))
+        for dtype, bigs in largest.items():
+            big = torch.stack(bigs)
+            checked.append(torch.where(big <= _checks.square_limit(dtype), big, torch.nan))
     if torch.compiler.is_compiling() or _checks.all_finite(checked):
         # Compiled, the step has no host synchronisation, so nothing can raise from inside it: as torch's own
         # optimizers, it trusts its gradients (the hyperparameters are still checked, eagerly).
@@ -386,12 +389,14 @@ def _correction(g: Tensor, g_prev: Tensor | None, k: float) -> Tensor:
     return torch.add(g, g - (torch.zeros_like(g) if g_prev is None else g_prev), alpha=k)
 
 
-def _clip_factors(norms: list[Tensor], lists: _Lists, h: Hyper) -> list[Tensor]:
+def _clip_factors(norms: list[Tensor], lists: _Lists, h: Hyper) -> list[Tensor | None]:
     """The clip factor of each tensor (a 0-d tensor in its gradient's dtype): ``min(1, τ/‖c_t‖)`` per tensor or
-    over the group's MARS-path tensors together (``clip="global"``), 1 for ``"none"`` and for the fallback."""
+    over the group's MARS-path tensors together (``clip="global"``); None (no multiplication) for ``"none"`` and
+    for the fallback."""
+    factors: list[Tensor | None] = [None] * len(lists.params)
+    if h.clip == "none":
+        return factors
     on_path = [i for i, b in enumerate(lists.branches) if b != "fallback"]
-    factors = [torch.ones((), dtype=g.dtype, device=g.device) if b == "fallback" else None
-               for g, b in zip(lists.grads, lists.branches, strict=True)]
     for i, f in zip(on_path, clip_factors([norms[i] for i in on_path], h.clip, h.max_norm), strict=True):
         factors[i] = f.to(device=lists.grads[i].device, dtype=lists.grads[i].dtype)
     return factors
@@ -427,7 +432,8 @@ def _single_tensor_mars(lists: _Lists, h: Hyper, clip: list[Tensor], cs: list[Te
         # 1. correction:  c_t = g_t + γ·β1/(1−β1)·(g_t − g_prev)   (computed in pass 1)
         c = cs[i] if cs is not None else _correction(g, lists.g_prevs[i], h.k)
         # 2. clip:  c_t ← c_t · min(1, τ/‖c_t‖)
-        c = c * clip[i]
+        if clip[i] is not None:
+            c = c * clip[i]
         if not h.exact:  # the next step's g_prev: a copy of g_t, never a reference to .grad
             lists.g_prevs[i].copy_(g)
         # 3. momentum:  m_t = β1·m_{t−1} + (1−β1)·c_t
@@ -514,7 +520,8 @@ def _multi_tensor_mars(lists: _Lists, h: Hyper, clip: list[Tensor]) -> None:
             else:
                 # 1. c_t = g_t + k·(g_t − g_prev);  2. c_t ← c_t · clip
                 c = torch._foreach_add(g, torch._foreach_sub(g, gp), alpha=h.k)
-                torch._foreach_mul_(c, [C[j] for j, _ in pieces])
+                if h.clip != "none":
+                    torch._foreach_mul_(c, [C[j] for j, _ in pieces])
             # 3. m_t = β1·m_{t−1} + (1−β1)·c_t
             torch._foreach_mul_(m, b1)
             torch._foreach_add_(m, c, alpha=1.0 - b1)
@@ -616,4 +623,4 @@ def corrected_gradients(opt: MARS, group: dict, grads: Sequence[Tensor], g_prevs
     cs = [g if b == "fallback" else _correction(g, gp, h.k) for g, gp, b in zip(grads, g_prevs, lists.branches,
                                                                               strict=True)]
     clip = _clip_factors([torch.linalg.vector_norm(c) for c in cs], lists, h)
-    return [c * f for c, f in zip(cs, clip, strict=True)]
+    return [c if f is None else c * f for c, f in zip(cs, clip, strict=True)]
