@@ -122,9 +122,9 @@ TRAIN_PRESETS: dict[str, dict] = {
     "cpu-mini": dict(model="cpu-mini", dataset="shakespeare", batch_size=32, grad_accum=1,
                      max_iters=2000, warmup_iters=50, eval_interval=250, eval_iters=20, log_interval=10,
                      ckpt_interval=500, sample_tokens=300),
-    # A lab of about an hour on one GPU: a GPT-2-shaped model (6 × 384, ~30M parameters, GPT-2's vocabulary)
-    # on Shakespeare in GPT-2 tokens (offline), 1,500 steps of 16 × 256 tokens (6.1M, ~3.9 epochs of 1.57M);
-    # AdamW, MARS-AdamW and exact MARS with the variance probe fit the hour (see notebooks/README.md).
+    # A one-GPU lab: a GPT-2-shaped model (6 × 384, ~30M parameters, GPT-2's vocabulary) on Shakespeare in GPT-2
+    # tokens (offline), 1,500 steps of 16 × 256 tokens (6.1M, ~3.9 epochs of 1.57M): estimated at 0.5–1 minute per
+    # run on an A100 and 5–10 on a T4, unmeasured (docs/gpu.md derives it).
     "gpu-lab": dict(model="gpu-lab", dataset="shakespeare-gpt2", batch_size=16, grad_accum=1, max_iters=1500,
                     warmup_iters=100, eval_interval=150, eval_iters=20, log_interval=10, ckpt_interval=500,
                     sample_tokens=200),

@@ -10,7 +10,7 @@ normal(0, 0.02/sqrt(2·n_layer)) so the residual stream's variance does not grow
 Presets (``PRESETS``): ``gpt2-small`` (124M, the paper's "small"), ``gpt2-medium``
 (355M), two CPU sizes for character-level Shakespeare: ``cpu-tiny`` (4 × 128) and
 ``cpu-mini`` (2 × 64), and ``gpu-lab`` (6 × 384, block 256, ~30M parameters with GPT-2's vocabulary):
-a GPT-2-shaped model for a one-hour lab on one GPU.
+a GPT-2-shaped model for a lab on one GPU (a few minutes per run, estimated in docs/gpu.md).
 """
 
 from __future__ import annotations
