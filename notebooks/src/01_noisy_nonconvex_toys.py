@@ -387,7 +387,7 @@ check("01.2", noise_without_replacement)
 #
 # 1. The iterate already averages the noise, over about $1/(\eta h_j)$ steps. Momentum's averaging makes
 #    successive steps correlated, so the iterate integrates the same total noise: for small $\eta h_j$ the
-#    stationary variance of $x$ is the same to first order (measured: within 25 %).
+#    stationary variance of $x$ is the same to first order (notebook 03b §1 measures it: within 25 %).
 # 2. Halve $\eta$ (every stretch of the path then takes twice as many steps), or double $B$ (halves the
 #    noise variance $\sigma^2$, at twice the gradient evaluations per step). Variance reduction is a third way:
 #    an estimate with a smaller error at the same $\eta$ and $B$.

@@ -336,8 +336,9 @@ assert max(medians) / min(medians) < 1.5                       # and the clip mo
 # * The correction scale is $k = \gamma\beta_1/(1-\beta_1)$: $19\gamma$ at $\beta_1 = 0.95$ ($0.475$ at the
 #   default $\gamma = 0.025$). At $\gamma = 1$ MARS momentum is STORM.
 # * In exact mode the correction is curvature × last step, which closes a loop with gain
-#   $\approx\gamma\beta_1\eta\|H_\xi\|$; at $\gamma = 1$ and a large step many seeds diverged without clipping and
-#   none with per-tensor or global clipping (numbers above). In approx mode the correction is noise
+#   $\approx\gamma\beta_1\eta\|H_\xi\|$ (a heuristic: the sign of $H_\xi$ decides whether it damps or grows); at
+#   $\gamma = 1$ and a large step many seeds diverged without clipping and none with per-tensor or global
+#   clipping (numbers above). In approx mode the correction is noise
 #   times $k$; clipping then mostly shrinks the step.
 # * `mars_ref.MARS` with the AdamW preconditioner normalises the update, so here the clip mode barely
 #   changed the outcome; the clip remains what bounds one step's correction.
