@@ -89,9 +89,9 @@ first runs of the full study took ×1.23 the estimate (one at ×1.6 while anothe
 ``--status`` prints the estimate for what is left, calibrated on the runs already cached.
 
 Measured (``timing`` in the report): the 27 cells (MARS-M added) took 185 runs and 7.07 core-hours (3.53 h at
-2 workers; 3.9 h from the first run's end to the last's), over two sessions on a machine often busy with other
-work; the 42 runs that had the two workers
-alone ran at ×1.07 the cost model, which prices the whole study at 5.22 core-hours = 2.61 h at 2 workers.
+2 workers; 3.9 h from the first run's end to the last's), on a machine often busy with other work; the 42 runs
+that had the two workers alone ran at ×1.07 the cost model, which prices the whole study at 5.22 core-hours =
+2.61 h at 2 workers.
 
 Outputs (``--report``, also written at the end of a study; from the cache only): ``<results>/study.md`` (a row
 per point × optimizer: shape, tokens, tokens/parameter, epochs, best lr, final and best validation loss, the
@@ -151,8 +151,8 @@ BASE_LR = {
     "mars-adamw": (1e-2, 5e-3, 1e-4),
     "muon": (6e-2, 1e-2, 6e-4),
     "mars-shampoo": (6e-2, 1e-2, 6e-4),
-    # MARS-M (added after the study started; its runs only add cells): the CPU recipe, AdamW's rates (its update
-    # is scaled to AdamW's size; its AdamW part runs at the same lr)
+    # MARS-M (its runs only add cells): the CPU recipe, AdamW's rates (its update is scaled to AdamW's size; its
+    # AdamW part runs at the same lr)
     "mars-m": (6e-3, 6e-3, 6e-5),
 }
 RECIPE_GAMMA = 0.025  # the MARS recipe's γ: the "MARS-AdamW" variant; the γ axis varies it

@@ -154,7 +154,7 @@ def test_temporaries_of_killed_preparations_are_removed_by_the_next(tiny):
     data_dir, out = tiny
     (data_dir / ".tiny.tmp-killed").mkdir()
     (data_dir / ".tiny.tmp-killed" / "train.bin").write_bytes(b"\0" * 100)
-    (out / "train.bin.tmp").write_bytes(b"\0" * 10)  # as the previous version of this code left them
+    (out / "train.bin.tmp").write_bytes(b"\0" * 10)  # as a killed write leaves them
     (data_dir / ".other.tmp-x").mkdir()  # another corpus's: not ours to remove
     data.prepare("tiny", data_dir=data_dir, force=True)
     assert listing(data_dir) == corpus_listing("tiny", ".other.tmp-x")
@@ -204,8 +204,8 @@ def test_force_replaces_the_corpus_only_once_the_new_one_is_complete(tmp_path, m
 
 
 def test_force_of_a_corpus_of_your_own_prepares_it_again_from_its_recorded_source(tmp_path, capsys):
-    """`NAME --force` without --source used to delete meta.json and then fail with "unknown corpus":
-    now it prepares again from the recorded source, or says that source is gone and keeps the corpus."""
+    """`NAME --force` without --source prepares again from the recorded source, or says that source is gone and
+    keeps the corpus (it never deletes meta.json first and then fails with "unknown corpus")."""
     source = tmp_path / "mine.txt"
     source.write_text(HAMLET.read_text())
     data_dir = tmp_path / "d"

@@ -126,8 +126,8 @@ def test_parameters_that_are_not_real_floats_are_refused(dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("damage", ["shape", "exact state", "missing key", "other optimizer", "step"])
 def test_a_state_dict_that_does_not_fit_is_refused_on_load(impl, damage):
-    """Includes the memory-safety case: a state of other sizes loaded into MARS(fused=True) used to reach the C
-    loop, which trusts numel. Now load_state_dict refuses it and leaves the optimizer as it was."""
+    """Includes the memory-safety case: a state of other sizes loaded into MARS(fused=True) would reach the C loop,
+    which trusts numel; load_state_dict refuses it and leaves the optimizer as it was."""
     ps = params()
     opt = MARS(ps, **IMPLS[impl])
     set_grads(ps, 1)

@@ -1,7 +1,7 @@
-"""Optimizer state dicts written before the functional core load into today's ``MARS`` and resume on the
-trajectory the old code took. ``tests/data/mars_state_before_functional_core.pt`` (written by the code of commit
+"""Optimizer state dicts written by an earlier ``mars_ref`` (commit 7b9481a) load into ``MARS`` and resume on the
+trajectory that code took. ``tests/data/mars_state_7b9481a.pt`` (written by the code of commit
 7b9481a with ``tests/data/make_mars_state_fixture.py``, see ``tests/data/README.md``) holds, per configuration,
-the parameters and the optimizer's ``state_dict()`` after 3 steps and the parameters the old code reached 2 steps
+the parameters and the optimizer's ``state_dict()`` after 3 steps and the parameters that code reached 2 steps
 later."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from helpers import assert_close_to_rounding
 
 from mars_ref import MARS
 
-FIXTURE = Path(__file__).with_name("data") / "mars_state_before_functional_core.pt"
+FIXTURE = Path(__file__).with_name("data") / "mars_state_7b9481a.pt"
 SAVED = torch.load(FIXTURE, weights_only=True)
 
 

@@ -30,7 +30,7 @@ from .model import GPT
 from .run_dir import check_new_run_dir
 
 CHECKPOINT_FORMAT = "mars_ref.gpt.train/2"  # torch.save's zip + CHECKSUM_MAGIC + sha256 of the zip
-LEGACY_FORMATS = ("mars_ref.gpt.train/1",)  # no checksum: loaded unverified, with a note
+UNCHECKSUMMED_FORMATS = ("mars_ref.gpt.train/1",)  # no checksum: loaded unverified, with a note
 CHECKSUM_MAGIC = b"\nMARS_REF_SHA256"  # 16 bytes; then the 32-byte digest ends the file
 TRAILER_BYTES = len(CHECKSUM_MAGIC) + 32
 CORRUPT_FIX = ("Restore a good copy, or start a new run in its directory (--overwrite) or in another --out-dir, "
@@ -125,7 +125,7 @@ def load_checkpoint(path: Path) -> dict:
             f"checkpoint {path} is unreadable (truncated or corrupt: {type(e).__name__}: {e}). {CORRUPT_FIX}"
         ) from e
     required = {"format", "step", "config", "model", "optimizer", "scheduler", "rng", "metrics"}
-    formats = (CHECKPOINT_FORMAT, *LEGACY_FORMATS)
+    formats = (CHECKPOINT_FORMAT, *UNCHECKSUMMED_FORMATS)
     if not isinstance(state, dict) or state.get("format") not in formats or not required <= set(state):
         missing = sorted(required - set(state)) if isinstance(state, dict) else "everything"
         raise CheckpointError(f"checkpoint {path} is not a {' or '.join(formats)} checkpoint "

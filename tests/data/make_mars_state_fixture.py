@@ -1,4 +1,4 @@
-"""Write tests/data/mars_state_before_functional_core.pt with the code of commit 7b9481a (run with PYTHONPATH there)."""
+"""Write tests/data/mars_state_7b9481a.pt with the code of commit 7b9481a (run with PYTHONPATH there)."""
 import copy, sys, torch
 from mars_ref import MARS
 torch.set_num_threads(1)
