@@ -241,9 +241,8 @@ assert progress["exact STORM"] < 1.1 * others           # not more than 10 % beh
 # slower (it pays two evaluations per step) and only catches up late: at the end of this budget it is
 # somewhat ahead of the best other method (the printout above); the margin depends on the budget, so the
 # assertion is only "not more than 10 % behind at equal cost". A 40× smaller estimator error at the
-# *same* step size does not make a 40× better optimizer: the error is one of several things that limit progress (the
-# step size, the
-# curvature, the cost per step). Notebook 03b looks for the regime where it does pay.
+# *same* step size does not make a 40× better optimizer: the error is one of several limits on progress (the
+# step size, the curvature, the cost per step). Notebook 03b looks for the regime where it does pay.
 #
 # ## 4. What approximate MARS is, and the $\gamma$ sweep
 #
