@@ -56,7 +56,7 @@ SOLUTIONS = ROOT / "notebooks" / "solutions"
 
 # The lectures of book/teaching_path.md and the notebooks each deck is made of (by name prefix).
 LECTURES = {
-    "lecture1": ("Lecture 1: noise and the STORM recursion", ("01_", "02_")),
+    "lecture1": ("Lecture 1: noise, STORM, SVRG and SARAH", ("01_", "02_", "02b_")),
     "lecture2": ("Lecture 2: from STORM to MARS", ("03_", "03b_", "04_")),
 }
 
