@@ -154,7 +154,8 @@ assert abs(rows[1e-1][0] - 1) < 1e-6  # Adam's first step is sign(g), up to ε
 # equations and the same state (a checkpoint moves between them):
 #
 # * the **readable** loop (what the default `foreach=None` takes on the CPU; on CUDA it takes foreach):
-#   per tensor, one small function of `mars_ref.pieces` per link of the chain, each a few torch kernels over the whole tensor; the code to read next to the paper;
+#   per tensor, one small function of `mars_ref.pieces` per link of the chain, each a few torch kernels
+#   over the whole tensor; the code to read next to the paper;
 # * `foreach=True`: the same chain as grouped `torch._foreach_*` kernels over all tensors at once
 #   (`_multi_tensor_mars` in `mars_ref/optimizer.py`; any device, the one to use on a GPU);
 # * `fused=True`: one C loop per tensor for the clipping norm and one for everything else
