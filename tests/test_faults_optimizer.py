@@ -485,3 +485,22 @@ def test_an_integer_beyond_float_is_refused_naming_the_setting(cls):
 
     with pytest.raises(ValueError, match=r"invalid lr=1000000000000.*must be a .*real number"):
         getattr(mars_ref, cls)(params(), lr=10**309)
+
+
+@pytest.mark.parametrize("preconditioner", ["adamw", "lion", "shampoo", "muon"])
+@pytest.mark.parametrize("impl", ["readable", "foreach"])
+def test_an_empty_tensor_is_skipped_and_the_others_step_as_without_it(preconditioner, impl):
+    """A 5×0 parameter (MARS-Shampoo's shape factor would divide by 0 columns) has nothing to step: the other
+    parameters take exactly the step they take without it, and it keeps no state."""
+    with_empty, without = params(), params()
+    empty = torch.zeros(5, 0, requires_grad=True)
+    a = MARS([*with_empty, empty], lr=1e-2, preconditioner=preconditioner, **IMPLS[impl])
+    b = MARS(without, lr=1e-2, preconditioner=preconditioner, **IMPLS[impl])
+    for t in range(3):
+        set_grads(with_empty, t)
+        set_grads(without, t)
+        empty.grad = torch.zeros_like(empty)
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(with_empty, without, strict=True))
+    assert len(a.state[empty]) == 0
