@@ -90,7 +90,64 @@ def _storm_error_by_the_loop(a, sigma, t, dim=2):
     return error
 
 
+def _floor_without_the_sign_test(H, eta, sigma):
+    """01.1 with only the edge-of-stability test eta h_max < 2: finite for an H with a negative eigenvalue."""
+    h = torch.linalg.eigvalsh(H.double())
+    if (eta * h >= 2).any():
+        return float("inf")
+    return (eta * sigma**2 / 2 * (1.0 / (2.0 - eta * h)).sum()).item()
+
+
+def _ns_by_the_matrix_iteration(M, steps, multiply=torch.matmul):
+    """04.1 by copying newton_schulz's iteration (matrix products), then taking singular values."""
+    q1, q3, q5 = mars_ref.pieces.NS_COEFFICIENTS
+    X = M.double() / (torch.linalg.norm(M.double()) + 1e-7)
+    for _ in range(steps):
+        A = multiply(X, X.T)
+        B = multiply(A, X)
+        X = q1 * X + q3 * B + q5 * multiply(A, B)
+    return torch.linalg.svdvals(X)
+
+
+def _mars_with_c1_equal_to_g1(W0, batches, lr, betas=(0.95, 0.99), gamma=0.025, eps=1e-8, weight_decay=0.0,
+                              max_norm=1.0):
+    """05.1 with g_prev = g_1 at step 1 (so c_1 = g_1) instead of MARS's g_prev = 0; right from step 2 on."""
+    from mars_ref.pieces import adamw_direction, clip_by_norm, decoupled_step, momentum, second_moment, storm_correction
+
+    lsq_grad = SOLUTIONS["nb05"].lsq_grad
+    beta1, beta2 = betas
+    W, W_prev = W0.clone(), None
+    m, v = torch.zeros_like(W), torch.zeros_like(W)
+    for t, (A, B) in enumerate(batches, start=1):
+        g = lsq_grad(W, A, B)
+        g_prev = lsq_grad(W_prev, A, B) if W_prev is not None else g
+        c = clip_by_norm(storm_correction(g, g_prev, gamma, beta1), max_norm)
+        m, v = momentum(m, c, beta1), second_moment(v, c, beta2)
+        W_prev, W = W.clone(), decoupled_step(W, adamw_direction(m, v, t, beta1, beta2, eps), lr, weight_decay)
+    return W
+
+
 REJECTED = {  # named wrong answers that look right: (exercise, answer, a word the verdict must contain)
+    "01.1, inf only past eta h_max = 2, finite for an indefinite H": ("01.1", _floor_without_the_sign_test,
+                                                                      "negative"),
+    "03.1, tau fixed at the first case's 0.05": (
+        "03.1", lambda lr, tau, n, clip: _bound(lr, 0.05, n, clip, math.sqrt, lambda n: 1), "tau = 3"),
+    "03.1, lr fixed at the first case's 0.3": (
+        "03.1", lambda lr, tau, n, clip: _bound(0.3, tau, n, clip, math.sqrt, lambda n: 1), "lr = 0.02"),
+    "03.2, tau fixed at 1": ("03.2", lambda parts, tau: SOLUTIONS["nb03"].clip_cosine(parts, 1.0), "tau = 0.5"),
+    "03.2, tau fixed at 1, checked at tau = 3": (
+        "03.2", lambda parts, tau: SOLUTIONS["nb03"].clip_cosine(parts, 1.0 if tau != 0.5 else tau), "tau = 3"),
+    "04.1, copying the matrix iteration with @": ("04.1", _ns_by_the_matrix_iteration, "multiplies matrices"),
+    "04.1, copying the matrix iteration with einsum": (
+        "04.1", lambda M, steps: _ns_by_the_matrix_iteration(M, steps, lambda X, Y: torch.einsum("ij,jk->ik", X, Y)),
+        "multiplies matrices"),
+    "04.1, singular values from the eigenvalues of M^T M": (
+        "04.1", lambda M, steps: SOLUTIONS["nb04"].ns_singular_values(
+            torch.linalg.eigvalsh(M.T @ M).clamp(min=0).sqrt().diag(), steps), "multiplies matrices"),
+    "05.1, without the clip": (
+        "05.1", lambda W0, batches, **kw: SOLUTIONS["nb05"].exact_mars_adamw_by_hand(W0, batches, max_norm=math.inf,
+                                                                                     **kw), "max_norm = 1.0"),
+    "05.1, g_prev = g_1 at step 1": ("05.1", _mars_with_c1_equal_to_g1, "g_prev = 0"),
     "03.1, the loose bound eta tau J per tensor": (
         "03.1", lambda lr, tau, n, clip: _bound(lr, tau, n, clip, lambda n: n, lambda n: 1), "not the least"),
     "03.1, the loose bound eta tau sqrt(J) for global clipping too": (

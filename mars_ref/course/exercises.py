@@ -14,7 +14,8 @@ library's own optimizer), never with the formula the exercise asks for, so it ca
 away. Where an exercise asks for an idea (a closed form, a formula instead of an enumeration, a
 computation without the library function it explains), the check also uses inputs on which the
 shortcut fails: a size at which a loop or an enumeration cannot finish in time, a matrix on which the
-library function is inaccurate, or a guard that notices a call to the function being explained.
+library function is inaccurate, or a guard that notices a call to the function being explained (or to the
+torch operators it is made of, such as the matrix products of an iteration the exercise does on scalars).
 
 The answer is called on copies of the check's inputs (an answer that changes its input in place
 cannot break the check), within a time limit (a minute, less where the point is to avoid a loop), and
@@ -72,11 +73,16 @@ class _Answer:
         self.fn = fn
         self.forbidden: dict[str, Callable] = {}
         self.called: set[str] = set()
+        self.forbidden_ops: frozenset[str] = frozenset()  # torch operators ("aten.mm", ...) to notice
+        self.ops_called: set[str] = set()
 
     def __call__(self, *args, **kwargs):
         args, kwargs = copy.deepcopy((args, kwargs))
         undo = self._guard()
         try:
+            if self.forbidden_ops:
+                with _recording_ops(self.forbidden_ops, self.ops_called):
+                    return self.fn(*args, **kwargs)
             return self.fn(*args, **kwargs)
         except (NotImplementedError, _TimeUp):
             raise
@@ -102,6 +108,26 @@ class _Answer:
                         undo.append((namespace, key, value))
                         namespace[key] = tripwire
         return undo
+
+
+def _recording_ops(forbidden: frozenset[str], seen: set[str]):
+    """A context in which every call of a torch operator named in ``forbidden`` (however it is reached: ``@``,
+    ``torch.matmul``, ``einsum``, ``tensordot``, a library function) is added to ``seen``; the call still runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name in forbidden:
+                seen.add(name)
+            return func(*args, **(kwargs or {}))
+
+    return Recorder()
+
+
+# the operators a matrix product reaches, whichever function or operator the answer writes it with
+_MATRIX_PRODUCTS = frozenset(f"aten.{op}" for op in (
+    "mm", "bmm", "addmm", "addbmm", "baddbmm", "mv", "addmv", "dot", "vdot", "matmul", "_addmm_activation"))
 
 
 def _number(value, what: str) -> float:
@@ -154,7 +180,15 @@ def _sgd_noise_floor(answer) -> str:
     H = cases[0][0]
     _close(answer(H, 2.1 / torch.linalg.eigvalsh(H).max().item(), 1.0), math.inf, 0,
            "beyond eta * h_max = 2 SGD diverges (return float('inf'))")
-    return "Matches the stationary covariance of the linear recursion (a direct solve), and inf past eta h_max = 2."
+    # an indefinite H: η h_max < 2, but along the eigenvector of h < 0 the factor 1 − η h exceeds 1
+    Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    for eigenvalues in ((4.0, 1.0, -0.5), (-0.01, 2.0, 3.0)):
+        H = Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+        _close(answer(H, 0.1, 1.0), math.inf, 0,
+               f"H with eigenvalues {list(eigenvalues)}, eta = 0.1 (eta * h_max < 2, but the negative eigenvalue "
+               f"{min(eigenvalues):g} makes 1 - eta h > 1: x grows along it, return float('inf'))")
+    return ("Matches the stationary covariance of the linear recursion (a direct solve), and inf past eta h_max = 2 "
+            "and for an H with a negative eigenvalue.")
 
 
 def _noise_without_replacement(answer) -> str:
@@ -254,22 +288,24 @@ def _max_step_norm(answer) -> str:
     # The bound must be the least one. m_t is an average of c_1..c_t, so a constant c_t makes ‖m_t‖ → ‖c‖: the
     # supremum is η times the longest clipped c, here every tensor far above τ, clipped by the library's own rules.
     gen = torch.Generator().manual_seed(11)
-    for n_tensors in (1, 2, 3, 5, 8):
-        parts = [torch.randn(4, 3, generator=gen, dtype=torch.float64) * 50 for _ in range(n_tensors)]
-        longest = {"tensor": torch.cat([clip_by_norm(p, 0.05).flatten() for p in parts]).norm().item(),
-                   "global": torch.cat([p.flatten() for p in clip_by_global_norm(parts, 0.05)]).norm().item()}
-        for clip, length in longest.items():
-            bound = _number(answer(0.3, 0.05, n_tensors, clip), f"clip = {clip!r}, {n_tensors} tensors")
-            if bound > 0.3 * length * (1 + 1e-9):
-                raise Wrong(f"clip = {clip!r}, {n_tensors} tensors, lr = 0.3, tau = 0.05: your bound {bound:.6g} "
-                            f"holds but is not the least one: a constant c_t reaches {0.3 * length:.6g}.")
-            _close(bound, 0.3 * length, 1e-9, f"clip = {clip!r}, {n_tensors} tensors, lr = 0.3, tau = 0.05")
+    for lr, tau in ((0.3, 0.05), (0.02, 3.0)):
+        for n_tensors in (1, 2, 3, 5, 8):
+            parts = [torch.randn(4, 3, generator=gen, dtype=torch.float64) * 50 for _ in range(n_tensors)]
+            longest = {"tensor": torch.cat([clip_by_norm(p, tau).flatten() for p in parts]).norm().item(),
+                       "global": torch.cat([p.flatten() for p in clip_by_global_norm(parts, tau)]).norm().item()}
+            for clip, length in longest.items():
+                where = f"clip = {clip!r}, {n_tensors} tensors, lr = {lr:g}, tau = {tau:g}"
+                bound = _number(answer(lr, tau, n_tensors, clip), where)
+                if bound > lr * length * (1 + 1e-9):
+                    raise Wrong(f"{where}: your bound {bound:.6g} holds but is not the least one: a constant c_t "
+                                f"reaches {lr * length:.6g}.")
+                _close(bound, lr * length, 1e-9, where)
     try:
         answer(0.3, 0.05, 2, "none")
     except _AnswerFailed as e:
         if isinstance(e.error, ValueError):
             return ("Both bounds hold on 60 steps of 8 runs and are the least ones (reached by a constant clipped c_t, "
-                    "for 1 to 8 tensors); clip='none' raises ValueError.")
+                    "for 1 to 8 tensors, two pairs of lr and tau); clip='none' raises ValueError.")
         raise
     raise Wrong("clip = 'none' has no bound: raise ValueError.")
 
@@ -279,13 +315,14 @@ def _clip_cosine(answer) -> str:
     cases = [[torch.randn(3, 4, generator=gen) * 0.01, torch.randn(5, generator=gen) * 0.01],
              [torch.randn(30, generator=gen) * 10, torch.randn(4, generator=gen) * 0.1],
              [torch.randn(8, generator=gen) * 3, torch.randn(6, generator=gen) * 2, torch.randn(5, generator=gen)]]
-    for parts in cases:
-        factors = [min(1.0, 1.0 / p.double().norm().item()) for p in parts]
-        u = torch.cat([f * p.double().flatten() for f, p in zip(factors, parts, strict=True)])
-        v = torch.cat([p.double().flatten() for p in parts])
-        _close(answer(parts, 1.0), (u @ v / (u.norm() * v.norm())).item(), 1e-6,
-               f"parts of norms {[round(p.norm().item(), 3) for p in parts]}, tau = 1")
-    return "Right for parts that are not clipped, clipped alone, and all clipped."
+    for tau in (1.0, 0.5, 3.0):
+        for parts in cases:
+            factors = [min(1.0, tau / p.double().norm().item()) for p in parts]
+            u = torch.cat([f * p.double().flatten() for f, p in zip(factors, parts, strict=True)])
+            v = torch.cat([p.double().flatten() for p in parts])
+            _close(answer(parts, tau), (u @ v / (u.norm() * v.norm())).item(), 1e-6,
+                   f"parts of norms {[round(p.norm().item(), 3) for p in parts]}, tau = {tau:g}")
+    return "Right for parts that are not clipped, clipped alone, and all clipped, at tau = 1, 0.5 and 3."
 
 
 # ---------------------------------------------------------------------------------------------- notebook 03b
@@ -308,6 +345,7 @@ def _ns_singular_values(answer) -> str:
     from .. import pieces
 
     answer.forbidden = {"newton_schulz": pieces.newton_schulz}  # the function the exercise explains
+    answer.forbidden_ops = _MATRIX_PRODUCTS  # and the matrix products its iteration is made of
     for shape in ((40, 40), (64, 24), (24, 64)):
         gen = torch.Generator().manual_seed(shape[0])
         M = torch.randn(*shape, generator=gen, dtype=torch.float64) @ torch.diag(
@@ -318,11 +356,15 @@ def _ns_singular_values(answer) -> str:
             if answer.called:
                 raise Wrong("your function calls newton_schulz, the iteration this exercise asks you to do without: "
                             "apply the scalar polynomial p(s) to the normalised singular values of M instead.")
+            if answer.ops_called:
+                raise Wrong(f"your function multiplies matrices ({', '.join(sorted(answer.ops_called))}), which this "
+                            "exercise asks you to do without: apply the scalar polynomial p(s) to the normalised "
+                            "singular values of M (a vector) instead of iterating on the matrix.")
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-9, atol=1e-12):
                 raise Wrong(f"shape {shape}, {steps} steps: expected singular values starting "
                             f"{expected[:3].tolist()}, got {got[:3].tolist()}.")
     return ("Equal to the singular values of newton_schulz(M, steps) in float64 (3 shapes x 1, 3, 5 steps), without "
-            "calling it.")
+            "calling it or multiplying matrices.")
 
 
 def _damped_one_step_shampoo(answer) -> str:
@@ -366,13 +408,18 @@ def _exact_mars_adamw_by_hand(answer) -> str:
     from ..optimizer import MARS
 
     gen = torch.Generator().manual_seed(3)
-    W0 = torch.randn(6, 3, generator=gen, dtype=torch.float64)
-    batches = [(torch.randn(16, 6, generator=gen, dtype=torch.float64),
-                torch.randn(16, 3, generator=gen, dtype=torch.float64)) for _ in range(12)]
-    for lr, weight_decay in ((1e-2, 0.0), (0.3, 0.1)):  # 0.3: large steps, so the clip is active too
+    W1 = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    data = [(torch.randn(16, 6, generator=gen, dtype=torch.float64),
+             torch.randn(16, 3, generator=gen, dtype=torch.float64)) for _ in range(12)]
+    # scale 0.01 shrinks every gradient 100-fold: c_1 is not clipped there, so the step-1 convention g_prev = 0
+    # shows (with c_1 clipped to norm 1, any multiple of g_1 gives the same c_1)
+    for lr, weight_decay, scale in ((1e-2, 0.0, 1.0), (0.3, 0.1, 1.0), (1e-2, 0.0, 0.01)):
         kw = dict(lr=lr, betas=(0.9, 0.99), gamma=0.5, eps=1e-8, weight_decay=weight_decay)
+        W0, batches = W1 * scale, [(A, B * scale) for A, B in data]
+        where = f"lr = {lr:g}, weight decay = {weight_decay:g}" + (f", W0 and Y times {scale:g}" if scale != 1 else "")
         W = torch.nn.Parameter(W0.clone())
         opt = MARS([W], exact=True, **kw)
+        after = []  # W after each step
         for A, B in batches:
             def closure(A=A, B=B, W=W, opt=opt):
                 opt.zero_grad()
@@ -380,12 +427,18 @@ def _exact_mars_adamw_by_hand(answer) -> str:
                 loss.backward()
                 return loss
             opt.step(closure)
-        got = _tensor(answer(W0.clone(), batches, **kw), f"lr = {lr:g}, weight decay = {weight_decay:g}")
-        gap = (got - W.detach()).abs().max().item()
-        if not gap < 1e-12:
-            raise Wrong(f"lr = {lr:g}, weight decay = {weight_decay:g}: after 12 steps your W differs from "
-                        f"mars_ref.MARS(exact=True) by up to {gap:.3g}.")
-    return "Equal to mars_ref.MARS(exact=True) driven by opt.step(closure), to 1e-12, with and without clipping."
+            after.append(W.detach().clone())
+        for t in (*range(1, 6), 12):  # the first step at which the answer departs says which convention it misses
+            got = _tensor(answer(W0.clone(), batches[:t], **kw), where)
+            gap = (got - after[t - 1]).abs().max().item() if got.shape == after[t - 1].shape else float("nan")
+            if not gap < 1e-12:
+                raise Wrong(f"{where}: after {t} of the minibatches your W "
+                            f"differs from mars_ref.MARS(exact=True) by up to {gap:.3g}. MARS's conventions: at step "
+                            "1 there is no previous point, so g_prev = 0 and c_1 = (1 + gamma beta1 / (1 - beta1)) "
+                            "g_1; every c_t is clipped to norm at most 1 (clip_by_norm's default max_norm = 1.0, the "
+                            "authors' tau) before it enters both moments; t counts from 1 in the bias corrections.")
+    return ("Equal to mars_ref.MARS(exact=True) driven by opt.step(closure), to 1e-12, after each of the first 5 "
+            "steps and after 12, with and without clipping, and with c_1 too small to be clipped.")
 
 
 def _paired_difference(answer) -> str:
