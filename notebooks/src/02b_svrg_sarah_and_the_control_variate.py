@@ -17,7 +17,8 @@
 #
 # **Class time.** About 25 minutes (the code runs in about 30 s on one CPU thread). Notation: the
 # [shared table](README.md#notation); new here: the snapshot $\tilde x$, its full gradient $\mu$, the
-# inner-loop length $m$, SARAH's estimate $v_t$, the control-variate coefficient $c$ and α-SVRG's $\alpha_t$.
+# inner-loop (epoch) length $q$ (not the momentum $m_t$), SARAH's estimate $v_t$, the control-variate
+# coefficient $c$ and α-SVRG's $\alpha_t$.
 
 # %%
 import math
@@ -65,7 +66,7 @@ print(f"{'full' if FULL else 'default'} size: step sizes tuned on {TUNE_SEEDS} r
 # The finite sum $F(x) = \frac1N\sum_i f_i(x)$ lets both methods take the **full gradient** now and then;
 # in between they take minibatch gradients $\nabla f_\xi$ ($\xi$ a minibatch of $B$ indices) at two points.
 #
-# **SVRG** (Johnson & Zhang, 2013). Every $m$ steps take a snapshot $\tilde x = x_t$ and its full gradient
+# **SVRG** (Johnson & Zhang, 2013). Every $q$ steps take a snapshot $\tilde x = x_t$ and its full gradient
 # $\mu = \nabla F(\tilde x)$ ($N$ component gradients); every step
 #
 # $$v_t = \nabla f_{\xi_t}(x_t) - \nabla f_{\xi_t}(\tilde x) + \mu, \qquad x_{t+1} = x_t - \eta\,v_t
@@ -74,7 +75,7 @@ print(f"{'full' if FULL else 'default'} size: step sizes tuned on {TUNE_SEEDS} r
 # $v_t$ is unbiased, $\mathbb{E}_\xi v_t = \nabla F(x_t)$, and its error vanishes as $x_t$ and $\tilde x$ approach
 # a common point: near a minimum the noise is gone, not only averaged.
 #
-# **SARAH** (Nguyen, Liu, Scheinberg & Takáč, 2017). Every $m$ steps a restart $v_t = \nabla F(x_t)$ ($N$);
+# **SARAH** (Nguyen, Liu, Scheinberg & Takáč, 2017). Every $q$ steps a restart $v_t = \nabla F(x_t)$ ($N$);
 # in between
 #
 # $$v_t = \nabla f_{\xi_t}(x_t) - \nabla f_{\xi_t}(x_{t-1}) + v_{t-1}, \qquad x_{t+1} = x_t - \eta\,v_t
@@ -86,18 +87,18 @@ print(f"{'full' if FULL else 'default'} size: step sizes tuned on {TUNE_SEEDS} r
 # a *normalised* step, $x_{t+1} = x_t - \min(\eta, \delta/\|v_t\|)\,v_t$, a step of length at most $\delta$
 # (`toys.run(..., "spider", max_norm=δ)`).
 #
-# The cell writes one SVRG run and one SARAH run out by hand (16 seeds as rows, $m = N/B = 16$ steps per
+# The cell writes one SVRG run and one SARAH run out by hand (16 seeds as rows, $q = N/B = 16$ steps per
 # epoch) and compares them with `toys.run`, which also counts every component gradient.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-STEPS_HAND, M = 40, N // B
+STEPS_HAND, Q = 40, N // B
 gen = torch.Generator().manual_seed(1)
 x = problem.init(gen, (16,))
 x_svrg, x_sarah, x_prev, spent = x.clone(), x.clone(), None, {"SVRG": 0, "SARAH": 0}
 for t in range(STEPS_HAND):
     xi = problem.sample(gen, (16,))                           # the minibatch ξ_t (B indices per run)
-    if t % M == 0:                                            # every m steps:
+    if t % Q == 0:                                            # every q steps:
         snap, mu = x_svrg.clone(), problem.grad(x_svrg)       #   SVRG: x̃ = x_t, μ = ∇F(x̃)
         v = problem.grad(x_sarah)                             #   SARAH: restart, v_t = ∇F(x_t)
         spent["SVRG"] += N
@@ -110,12 +111,12 @@ for t in range(STEPS_HAND):
     x_prev = x_sarah
     x_svrg, x_sarah = x_svrg - 0.1 * u, x_sarah - 0.1 * v
 for name, mine in (("SVRG", x_svrg), ("SARAH", x_sarah)):
-    r = toys.run(problem, name.lower(), lr=0.1, steps=STEPS_HAND, seeds=16, seed=1, epoch=M, keep_path=True)
+    r = toys.run(problem, name.lower(), lr=0.1, steps=STEPS_HAND, seeds=16, seed=1, epoch=Q, keep_path=True)
     gap = (r.path[-1] - mine).abs().max().item()
     print(f"{name}: by hand vs toys.run after {STEPS_HAND} steps: max |difference| "
           f"{'below 1e-12' if gap < 1e-12 else f'{gap:.1e}'}; component gradients {spent[name]} "
-          f"(toys.run: {r.grad_evals[-1].item()}) = {math.ceil(STEPS_HAND / M)} full passes of {N} + "
-          f"{(spent[name] - math.ceil(STEPS_HAND / M) * N) // (2 * B)} steps of 2 x {B}")
+          f"(toys.run: {r.grad_evals[-1].item()}) = {math.ceil(STEPS_HAND / Q)} full passes of {N} + "
+          f"{(spent[name] - math.ceil(STEPS_HAND / Q) * N) // (2 * B)} steps of 2 x {B}")
     assert gap < 1e-12 and spent[name] == r.grad_evals[-1].item()
 
 # %% [markdown] tags=["slide"]
@@ -127,8 +128,8 @@ for name, mine in (("SVRG", x_svrg), ("SARAH", x_sarah)):
 #
 # | method | evaluations | assumes | source |
 # |---|---|---|---|
-# | SGD | $O(\epsilon^{-4})$ | $F$ $\ell$-smooth; bounded variance $\mathbb{E}\|g - \nabla F\|^2 \le \sigma^2$ | [GL] |
-# | GD (full passes) | $O(N\epsilon^{-2})$ | a finite sum, $F$ $\ell$-smooth | [GL], $\sigma = 0$ |
+# | SGD | $O(\epsilon^{-4})$ | $F$ $\ell$-smooth; bounded variance $\mathbb{E}\|g - \nabla F\|^2 \le \nu^2$ | [GL] |
+# | GD (full passes) | $O(N\epsilon^{-2})$ | a finite sum, $F$ $\ell$-smooth | [GL], $\nu = 0$ |
 # | SVRG | $O(N + N^{2/3}\epsilon^{-2})$ | a finite sum; each $f_i$ $\ell$-smooth (on average suffices) | [R], [AH] |
 # | SARAH, SPIDER | $O(N + \sqrt N\epsilon^{-2})$ finite sum, $O(\epsilon^{-3})$ online | mean-sq. smooth | [F] |
 # | STORM | $\tilde O(\epsilon^{-3})$ | each $f(\cdot,\xi)$ $\ell$-smooth, bounded variance, bounded gradients | [CO] |
@@ -141,7 +142,7 @@ for name, mine in (("SVRG", x_svrg), ("SARAH", x_sarah)):
 # [CO] Cutkosky & Orabona (STORM), NeurIPS 2019, arXiv 1905.10018; its bounded gradients serve its adaptive
 # steps. [Y] Yuan et al. (MARS), arXiv 2411.10438. [A] Arjevani et al., arXiv 1912.02365.
 #
-# *Mean-squared (average) smoothness*: $\mathbb{E}_\xi\|\nabla f(x,\xi) - \nabla f(y,\xi)\|^2 \le L^2\|x - y\|^2$.
+# *Mean-squared (average) smoothness*: $\mathbb{E}_\xi\|\nabla f(x,\xi) - \nabla f(y,\xi)\|^2 \le \ell^2\|x - y\|^2$.
 # It is what every row from SVRG on relies on: the difference of *one sample's* gradient at two points is
 # small when the points are close. SARAH's own paper analyses convex problems; its nonconvex rate comes from
 # later work (SPIDER's analysis, and SARAH's own follow-ups). SVRG's first analysis (Johnson & Zhang) is for
@@ -150,8 +151,8 @@ for name, mine in (("SVRG", x_svrg), ("SARAH", x_sarah)):
 # **MARS's theorem, stated.** The paper's main convergence theorem (Yuan, Liu, Wu, Zhou & Gu, *MARS:
 # Unleashing the Power of Variance Reduction for Training Large Models*, arXiv 2411.10438) covers **exact**
 # MARS, $g_{\text{prev}} = \nabla f(x_{t-1}, \xi_t)$. Assumptions: bounded variance,
-# $\mathbb{E}\|\nabla f(x,\xi) - \nabla F(x)\|^2 \le \sigma^2$; mean-squared (average) smoothness with constant
-# $L$, as above; a preconditioner whose eigenvalues stay in a fixed range; step sizes and $\beta_1$ chosen by
+# $\mathbb{E}\|\nabla f(x,\xi) - \nabla F(x)\|^2 \le \nu^2$; mean-squared (average) smoothness with constant
+# $\ell$, as above; a preconditioner whose eigenvalues stay in a fixed range; step sizes and $\beta_1$ chosen by
 # the analysis. Rate: after $T$ steps $\mathbb{E}\|\nabla F\| = \tilde O(T^{-1/3})$, i.e. $\tilde O(\epsilon^{-3})$
 # gradient evaluations, STORM's rate and the lower bound's up to logarithms. Approximate MARS (the default,
 # $g_{\text{prev}} = g_{t-1}$) is not covered. This is the course's summary: the repository's account of the
@@ -169,7 +170,7 @@ for name, mine in (("SVRG", x_svrg), ("SARAH", x_sarah)):
 # The finite sum ($N = 128$, $B = 8$) from the point where 300 steps of full-batch gradient descent
 # ($\eta = 0.5$) leave it, as in notebook 03b: past the fast descent, where the minibatch noise dominates the
 # gradient. Budget: 50 passes, $50N = 6400$ component gradients, SVRG's snapshots and SARAH's restarts
-# included (one epoch, $m = N/B = 16$ steps, costs $N + 16\cdot 2B = 3N$: a third of SVRG's budget is full
+# included (one epoch, $q = N/B = 16$ steps, costs $N + 16\cdot 2B = 3N$: a third of SVRG's budget is full
 # passes). Six methods: SGD (1 minibatch per step), SVRG, SARAH, exact STORM ($1 - a = \beta_1 = 0.95$; MARS's
 # momentum at $\gamma = 1$), MARS approx and MARS exact (MARS's momentum, no preconditioner, no clip,
 # $\gamma = 0.025$, through `toys.run` as in notebooks 02–03).
@@ -400,10 +401,12 @@ claims.check({
 # gradient variance little, and does not beat SGD. The mechanism is section 4's condition: SVRG's $Y$
 # is the gradient at the snapshot $\tilde x$, and as $x_t$ moves away from $\tilde x$ within an epoch (and deep
 # networks move far: large steps, a curved landscape) the correlation of $\nabla f_i(x_t)$ with
-# $\nabla f_i(\tilde x)$ decays; once it is below about $\tfrac12$, subtracting $Y$ *adds* noise, and the full
-# pass that paid for $\mu$ is wasted. On the toy, exactly (over all $N$ samples, no sampling noise): along a
-# run of SGD from a random start, the correlation between the per-sample gradients at two points of the path,
-# against the distance between them.
+# $\nabla f_i(\tilde x)$ decays; once $2\,\mathrm{Cov}[X,Y] < \mathrm{Var}[Y]$ (section 4's condition at $c = 1$),
+# subtracting $Y$ *adds* noise, and the full pass that paid for $\mu$ is wasted. A correlation of $\tfrac12$ is
+# the break-even only when $X$ and $Y$ have equal variances; here the variance of the per-sample gradients
+# changes along the path, and the table below breaks even between its correlations 0.702 and 0.572.
+# On the toy, exactly (over all $N$ samples, no sampling noise): along a run of SGD from a random start, the
+# correlation between the per-sample gradients at two points of the path, against the distance between them.
 
 # %%
 sgd_path = toys.run(problem, "sgd", lr=0.2, steps=800, seeds=4, seed=7, keep_path=True).path[::8]  # (101, 4, dim)
@@ -430,27 +433,27 @@ for lo, hi, sel in bins:
 
 # %% [markdown]
 # And the inner-loop length: SVRG from the same random start at its step size of section 3, with epochs
-# of $m \in \{4, 16, 64, 256\}$ steps, at the same budget of 50 passes. A short epoch keeps the snapshot
+# of $q \in \{4, 16, 64, 256\}$ steps, at the same budget of 50 passes. A short epoch keeps the snapshot
 # fresh but spends most of the budget on full passes; a long one makes the passes rare and the snapshot stale.
 
 # %%
 x_cold = problem.init(torch.Generator().manual_seed(0))   # the random start the warm start came from
 EPOCHS = (4, 16, 64, 256)
 inner = {}
-for m in EPOCHS:
+for q in EPOCHS:
     steps = BUDGET // (2 * B)
-    r = toys.run(problem, "svrg", lr=tuned["SVRG"][0], steps=steps, seeds=SEEDS, seed=0, x0=x_cold, epoch=m,
+    r = toys.run(problem, "svrg", lr=tuned["SVRG"][0], steps=steps, seeds=SEEDS, seed=0, x0=x_cold, epoch=q,
                  keep_cv=True)
     cut = r.grad_evals <= BUDGET
     cvm = {key: v[cut].nanmean(1) for key, v in r.cv.items()}
-    inner[m] = dict(F=score(r, BUDGET)[0].mean().item(), G=score(r, BUDGET)[1].mean().item(),
+    inner[q] = dict(F=score(r, BUDGET)[0].mean().item(), G=score(r, BUDGET)[1].mean().item(),
                     factor=((cvm["var_x"] - 2 * cvm["cov"] + cvm["var_y"]) / cvm["var_x"]).mean().item(),
-                    passes=math.ceil(int(cut.sum()) / m), steps=int(cut.sum()))
+                    passes=math.ceil(int(cut.sum()) / q), steps=int(cut.sum()))
 sgd_cold = toys.run(problem, "sgd", lr=tuned["SGD"][0], steps=BUDGET // B, seeds=SEEDS, seed=0, x0=x_cold)
 print(f"random start, {BUDGET} component gradients; SVRG at eta = {tuned['SVRG'][0]:g}, SGD at {tuned['SGD'][0]:g}:")
-print(f"{'m':>5} {'steps':>6} {'full passes':>11} {'mean Var[v]/Var[g]':>18} {'F':>10} {'||grad F||^2':>12}")
-for m, v in inner.items():
-    print(f"{m:5d} {v['steps']:6d} {v['passes']:11d} {v['factor']:18.3f} {v['F']:10.4e} {v['G']:12.2e}")
+print(f"{'q':>5} {'steps':>6} {'full passes':>11} {'mean Var[v]/Var[g]':>18} {'F':>10} {'||grad F||^2':>12}")
+for q, v in inner.items():
+    print(f"{q:5d} {v['steps']:6d} {v['passes']:11d} {v['factor']:18.3f} {v['F']:10.4e} {v['G']:12.2e}")
 print(f"  SGD {BUDGET // B:6d} {0:11d} {1.0:18.3f} {score(sgd_cold, BUDGET)[0].mean().item():10.4e} "
       f"{score(sgd_cold, BUDGET)[1].mean().item():12.2e}")
 
@@ -462,16 +465,15 @@ ax0.plot(centres_d, [rho[sel].mean().item() for _, _, sel in bins if sel.any()],
 ax0.plot(centres_d, [factor[sel].mean().item() for _, _, sel in bins if sel.any()], **look("SGD", every=1,
          label=r"SVRG's $\mathrm{Var}[X - Y]/\mathrm{Var}[X]$"))
 ax0.axhline(1.0, color=style.GREY, lw=1.5)
-ax0.axhline(0.5, color=style.GREY, lw=1.0, ls="--", label="correlation 1/2")
 ax0.set(xscale="log", xlabel=r"distance $\|x - \tilde x\|$ between the two points",
         title="Staleness: correlation decays with distance")
 ax0.legend()
-ax1.plot(EPOCHS, [inner[m]["factor"] for m in EPOCHS],
+ax1.plot(EPOCHS, [inner[q]["factor"] for q in EPOCHS],
          **look("SVRG", every=1, label=r"mean $\mathrm{Var}[v]/\mathrm{Var}[g]$"))
 ax1.axhline(1.0, color=style.GREY, lw=1.5, label="SGD")
-ax1.set(xscale="log", yscale="log", xlabel="inner-loop length m (steps per snapshot)",
+ax1.set(xscale="log", yscale="log", xlabel="inner-loop length q (steps per snapshot)",
         title="Longer epochs, staler snapshots")
-ax1.set_xticks(EPOCHS, [str(m) for m in EPOCHS])
+ax1.set_xticks(EPOCHS, [str(q) for q in EPOCHS])
 ax1.legend()
 fig.suptitle("Why SVRG's snapshot stops helping (toy, exact over all N samples / 16 runs)")
 style.save(fig, "02b_staleness")
@@ -485,9 +487,9 @@ claims.check({
         rho[near].mean().item() > rho[far].mean().item() + 0.2,
     "far enough apart, subtracting Y adds noise: SVRG's Var[X - Y] / Var[X] exceeds 1":
         factor[far].mean().item() > 1,
-    "the longer the inner loop, the more noise SVRG's estimate keeps (m = 4 ... 256)":
+    "the longer the inner loop, the more noise SVRG's estimate keeps (q = 4 ... 256)":
         all(inner[a]["factor"] < inner[b]["factor"] for a, b in zip(EPOCHS, EPOCHS[1:], strict=False)),
-    "from the random start, SGD's loss at equal cost is below SVRG's for every m":
+    "from the random start, SGD's loss at equal cost is below SVRG's for every q":
         all(score(sgd_cold, BUDGET)[0].mean().item() < v["F"] for v in inner.values()),
 })
 
@@ -528,8 +530,10 @@ for name, ((F, dF), (G, dG)) in cold_scores.items():
           f"||grad F||^2 = {G.item():.2e} ± {dG.item():.1e}")
 svrg_cv = {key: v.nanmean(1) for key, v in cold["SVRG"].cv.items()}
 c_star = (svrg_cv["cov"] / svrg_cv["var_y"]).unfold(0, BLOCK, BLOCK).mean(-1)
-print(f"c* = Cov / Var Y along the SVRG run, per epoch of {BLOCK} steps: "
-      + " ".join(f"{c:.2f}" for c in c_star[:: max(1, len(c_star) // 8)].tolist()))
+every = max(1, len(c_star) // 8)  # print every `every`-th epoch of the run
+print(f"c* = Cov / Var Y along the SVRG run, epochs of {BLOCK} steps, one epoch in {every} of {len(c_star)} "
+      f"(epochs {', '.join(str(e) for e in range(1, len(c_star) + 1, every))}): "
+      + " ".join(f"{c:.2f}" for c in c_star[::every].tolist()))
 
 # %%
 fig, ax = style.figure()
@@ -586,7 +590,7 @@ claims.check({
 # ### Questions
 #
 # 1. Why is SVRG's estimate unbiased while SARAH's is not, and why does SARAH still converge?
-# 2. SVRG with $m = 1$: what method is it, and what does a step cost?
+# 2. SVRG with $q = 1$: what method is it, and what does a step cost?
 # 3. In the control-variate view, what plays $\mathbb{E}[Y]$ for STORM, and why can STORM avoid full passes?
 # 4. Approx MARS's $Y$ is uncorrelated with $X$. What, then, does its correction do (notebook 02)?
 # 5. When would you pick SVRG over STORM on a real problem?
@@ -616,8 +620,9 @@ claims.check({
 #
 # **Exercise 02b.1 · The variance of an SVRG estimate, exactly.** `X` and `Y` are the per-sample gradients
 # $\nabla f_i(x)$ and $\nabla f_i(\tilde x)$, tensors of shape `(N, dim)`. A minibatch $\xi$ of `batch` indices is
-# drawn uniformly *with replacement*, and $v = \frac1B\sum_{i\in\xi}(X_i - \alpha Y_i) + \alpha\bar Y$. Write
-# `svrg_variance(X, Y, alpha, batch)` returning $\mathbb{E}\|v - \nabla F(x)\|^2$ exactly.
+# drawn uniformly *with replacement*, and $v = \frac1B\sum_{i\in\xi}(X_i - c\,Y_i) + c\,\bar Y$ (the
+# coefficient $c$ is the argument `alpha`, as α-SVRG calls it). Write `svrg_variance(X, Y, alpha, batch)`
+# returning $\mathbb{E}\|v - \nabla F(x)\|^2$ exactly.
 
 # %%
 def svrg_variance(X, Y, alpha, batch):
@@ -630,7 +635,7 @@ def svrg_variance(X, Y, alpha, batch):
 check("02b.1", svrg_variance)
 
 # %% [markdown]
-# **Exercise 02b.2 · The best coefficient.** Write `optimal_alpha(X, Y)`: the $\alpha$ that minimises the variance of
+# **Exercise 02b.2 · The best coefficient.** Write `optimal_alpha(X, Y)`: the $c$ that minimises the variance of
 # exercise 02b.1. Does it depend on the batch size? Then evaluate it on the toy's per-sample gradients at two
 # points of a run (`problem.grad(x.expand(N, -1), torch.arange(N).unsqueeze(-1))`) and compare with the $c^\star$
 # of section 6.
