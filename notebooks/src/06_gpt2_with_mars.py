@@ -34,8 +34,9 @@
 # character-level Shakespeare, a 0.1M-parameter GPT, 300 steps of 16 × 64 characters per
 # optimizer. That is about 10⁻⁵ of the paper's tokens and 10⁻³ of its parameters: this notebook
 # teaches how the experiment is run and measured, it does not reproduce the paper's numbers.
-# `SCALE = "gpu-lab"` (or `MARS_REF_SCALE=gpu-lab`) is the lab tier: the same cells on one GPU in about an
-# hour by a FLOP estimate (never run on a GPU here: see notebooks/README.md): a GPT-2-shaped 30M-parameter
+# `SCALE = "gpu-lab"` (or `MARS_REF_SCALE=gpu-lab`) is the lab tier: the same cells on one GPU, estimated
+# from FLOPs at about 0.5–1 minute per run on an A100 and 5–10 minutes on a T4 (`docs/gpu.md`; an estimate,
+# not a measurement: never run on a GPU here, see notebooks/README.md): a GPT-2-shaped 30M-parameter
 # model on Shakespeare in GPT-2 tokens, offline; AdamW, MARS-AdamW and exact MARS with the variance probe.
 # `SCALE = "gpt2-small"` (or `MARS_REF_SCALE=gpt2-small`, or `MARS_REF_FULL=1`) switches the very same
 # cells to the paper's GPT-2 small recipe on OpenWebText, for CUDA GPUs.
@@ -64,7 +65,8 @@ from mars_ref.gpt.train import TrainConfig, load_model, make_optimizer, model_co
 
 # ═════════════════════════════ THE ONE SETTING OF THIS NOTEBOOK ═════════════════════════════
 # "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~1 min.
-# "gpu-lab"    : one GPU, about an hour (estimated from FLOPs; not yet run on a GPU): --preset gpu-lab
+# "gpu-lab"    : one GPU, ~0.5–1 min per run on an A100, 5–10 min on a T4 (docs/gpu.md, from FLOPs,
+#                unmeasured): --preset gpu-lab
 #                (6 × 384, GPT-2 tokens, 1,500 steps of 16 × 256) for AdamW, MARS-AdamW and exact MARS. Also
 #                MARS_REF_SCALE=gpu-lab. (Verified here on the CPU only
 #                at shrunk size: tests/test_train.py::test_gpu_lab_preset_runs_shrunk_on_the_cpu.)
@@ -286,6 +288,7 @@ ax1.set_ylim(lowest - 0.05, lowest + 0.6)
 ax1.set(xlabel="training tokens", ylabel="validation loss (nats per token)",
         title=f"Validation loss (at 0 tokens: {first:.2f}, off the top)")
 ax1.legend()
+fig.suptitle("One run, one seed, per optimizer")
 style.save(fig, "06_validation_loss")
 plt.show()
 
@@ -368,7 +371,7 @@ def variance_panels(key_of, ylabel, title, name_of_file, references):
     axes[0, 0].set_ylabel(ylabel)
     handles, labels = axes[0, -1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=5)
-    fig.suptitle(title)
+    fig.suptitle(f"{title} (one seed per run)")
     style.save(fig, name_of_file)
     plt.show()
 
@@ -442,7 +445,7 @@ ax.axhline(1.0, color=style.GREEN, lw=3, alpha=0.35, ls="-", label="exact MARS, 
 ax.set_yscale("log")
 ax.set_yticks([0.7, 1, 1.5, 2, 3, 4, 6], labels=["0.7", "1", "1.5", "2", "3", "4", "6"])
 ax.set(xlabel="step", ylabel="MSE($c_t$) / MSE($g_t$), noise floor removed",
-       title="Noise of the corrected gradient relative to the minibatch gradient")
+       title="Noise of the corrected gradient relative to the minibatch gradient (one seed per run)")
 ax.legend(loc="upper right", ncol=2)
 style.save(fig, "06_noise_of_c")
 plt.show()
@@ -575,7 +578,7 @@ print(f"ours: {scale}, {summaries['AdamW']['n_params']:,} parameters, {tokens:,}
 #   the table below). Ours (MARS-AdamW − AdamW, one seed, 300 steps, each with its CPU recipe's
 #   learning rate) is a few hundredths either way: at this size that is noise as much as a result.
 #   `benchmarks/reproduce.py` makes the comparison with a tuned grid and 3 seeds (see the README), and
-#   the study in §5 of
+#   the study in the appendix of
 #   [`03b_where_variance_reduction_pays_off`](03b_where_variance_reduction_pays_off.ipynb) asks where the
 #   gap changes sign: across tokens per parameter, batch size and $\gamma$, 27 tuned cells.
 #
@@ -600,7 +603,7 @@ claims.check({
 # * `mars_ref.gpt.train.train(TrainConfig(...))` runs the paper's recipe (warm-up + cosine, global
 #   clip, MARS on 2-D tensors and AdamW on the LayerNorm gains) at any scale; `metrics.jsonl`
 #   holds everything plotted here.
-# * At CPU scale all four runs learn. Approx MARS and AdamW end a few hundredths apart (one seed cannot
+# * At CPU scale all five runs learn. Approx MARS and AdamW end a few hundredths apart (one seed cannot
 #   tell them apart); exact MARS ends about 0.07 lower than approx, and MARS-Shampoo about 0.2 lower than
 #   AdamW (its orthogonalised update, not the correction: Muon matches it in the reproduction).
 # * Approximate MARS's corrected gradient $c_t$ is over 1.6× noisier than the minibatch gradient,
