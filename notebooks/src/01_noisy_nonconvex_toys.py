@@ -61,6 +61,10 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds")
 #
 # The batch size is the noise knob. We compute $\operatorname{tr}\Sigma$ exactly from the $N$
 # per-sample gradients and compare with 4096 sampled minibatches.
+#
+# Two lines you will meet in every notebook: `# NBVAL_CHECK_OUTPUT` marks a cell whose printed output the
+# course's tests compare with the saved one on every commit, and `claims.check({...})` tests each claim the
+# text makes, printing `holds:` or `FAILS:` for each and stopping the notebook if one fails.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -185,7 +189,7 @@ claims.check({
 #
 # Each direction contributes about $\eta\sigma^2/4$, whatever its curvature: a flat direction wanders
 # further ($\propto 1/h_j$) but costs less per unit of distance ($\propto h_j$). The valley has $n = 2$, which
-# is where $\eta\sigma^2/2$ comes from; notebook 01's finite sum has $n = 144$.
+# is where $\eta\sigma^2/2$ comes from; this notebook's finite sum has $n = 144$.
 #
 # The small-step form needs $\eta h_j \ll 2$ in every direction, and here it does not hold: at
 # $\eta = 0.01$ the stiff direction has $\eta h_{\max} = 0.52$, so its term is $1/(2 - 0.52) = 0.68$ instead
@@ -323,11 +327,10 @@ claims.check({
 # * `toys.TwoLayerRegression` (a nonconvex finite sum, noise $\operatorname{tr}\Sigma/B$, checked
 #   above) and `toys.Noisy2D` (a curved valley, additive noise $\sigma$) give $\nabla F$ exactly, so
 #   every later notebook can measure an estimator's true error $\|d_t - \nabla F(x_t)\|^2$.
-# * On the valley SGD and momentum both reach the minimum region, then stall at a **noise floor**: the
-#   plateau matched the linearised prediction $\frac{\eta\sigma^2}{2}\sum_j \frac{1}{2-\eta h_j}$ within the
-#   asserted margin for all nine $(\eta, \sigma)$, i.e. it is $\propto \eta\sigma^2$.
-# * On the valley the floor is $\frac{\eta\sigma^2}{2}\sum_j \frac{1}{2-\eta h_j}$, about $n\eta\sigma^2/4$ for small
-#   steps in $n$ dimensions ($\eta\sigma^2/2$ in 2-D).
+# * On the valley SGD and momentum both reach the minimum region, then stall at a **noise floor**,
+#   $\frac{\eta\sigma^2}{2}\sum_j \frac{1}{2-\eta h_j}$, about $n\eta\sigma^2/4$ for small steps in $n$ dimensions
+#   ($\eta\sigma^2/2$ in 2-D): the plateau matched this linearised prediction within the asserted margin for all
+#   nine $(\eta, \sigma)$, i.e. it is $\propto \eta\sigma^2$.
 # * On the finite sum the noise shrinks with the loss, so there is no fixed floor; at equal steps a 16×
 #   smaller batch kept $\|\nabla F\|^2$ more than 10× higher throughout the run, and at equal cost it was
 #   still behind at this step size.
@@ -388,8 +391,9 @@ check("01.2", noise_without_replacement)
 # 1. The iterate already averages the noise, over about $1/(\eta h_j)$ steps. Momentum's averaging makes
 #    successive steps correlated, so the iterate integrates the same total noise: for small $\eta h_j$ the
 #    stationary variance of $x$ is the same to first order (notebook 03b §1 measures it: within 25 %).
-# 2. Halve $\eta$ (every stretch of the path then takes twice as many steps), or double $B$ (halves the
-#    noise variance $\sigma^2$, at twice the gradient evaluations per step). Variance reduction is a third way:
+# 2. Halve $\eta$ (every stretch of the path then takes twice as many steps), or average two independent
+#    draws of the noisy gradient per step (halves the noise variance $\sigma^2$, at twice the gradient
+#    evaluations per step; on the finite sum, doubling $B$ does the same). Variance reduction is a third way:
 #    an estimate with a smaller error at the same $\eta$ and $B$.
 # 3. In direction $j$ the stationary variance of $x$ is $\approx \eta\sigma^2/(2h_j)$ (flat directions wander
 #    further) and the loss charges $h_j/2$ per unit of squared distance: the $h_j$ cancel.

@@ -71,8 +71,9 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 # | MARS, exact (Yuan et al.) | STORM-type in the paper's analysis | the same, a preconditioner in a fixed range |
 # | MARS, approx (what is run) | no guarantee beyond momentum's | |
 #
-# $\nu^2$ bounds the whole noise vector's squared norm; the valley's $\sigma$ (notebook 01) is per coordinate,
-# so there $\nu^2 = n\sigma^2$.
+# $\tilde O$ is $O$ with logarithmic factors dropped as well; *a.s.* (almost surely) means for every sample
+# $\xi$ outside a set of probability zero. $\nu^2$ bounds the whole noise vector's squared norm; the valley's
+# $\sigma$ (notebook 01) is per coordinate, so there $\nu^2 = n\sigma^2$.
 #
 # ¹ SARAH's own paper analyses convex problems; its nonconvex rate came later (SPIDER, and SARAH's
 # follow-ups). ² A stronger assumption than mean-squared smoothness; STORM also assumes bounded gradients

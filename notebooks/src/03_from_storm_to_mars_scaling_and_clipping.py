@@ -5,7 +5,8 @@
 #
 # **What this notebook teaches.** How large MARS's correction is (the scale $k = \gamma\beta_1/(1-\beta_1)$,
 # 19γ at $\beta_1 = 0.95$); the feedback loop through which a large exact-mode correction blows a run
-# up; how clipping $c_t$, per tensor (the authors) or by the global norm (Levanter), breaks the loop, and
+# up; how clipping $c_t$, per tensor (the authors) or by the global norm (Levanter, a JAX library for
+# training language models, in its MARS), breaks the loop, and
 # what it costs when the correction is mostly noise; and `mars_ref.MARS` under its three clip modes.
 #
 # **You need.** Notebook 02 (STORM, exact and approx; MARS's momentum); vector norms.
@@ -149,14 +150,14 @@ claims.check({
 })
 
 # %% [markdown]
-# Exact mode with $\gamma = 1$ (STORM) is stable at $\eta = 0.1$, and at $\eta = 0.4$ a large part of the
-# seeds blow up: the median correction grows by more than two orders of magnitude within a hundred steps, and the
-# runs that explode leave the median one by one (the dash-dotted curve falls again once only the seeds that
-# rode out the burst are left). At step 1 every correction is $k\,g_1$ (there is no previous gradient yet), so
-# the exact runs, with $k = 19$, start highest. Within a few steps the exact corrections at $\eta = 0.1$ and
-# $0.2$ fall below the approx one at $\gamma = 0.3$ ($k = 5.7$) and keep falling as the steps shorten, while the
-# approx corrections stay at their noise level (noise times $k$): large, but they do not feed on themselves,
-# since the noise of step $t$ does not depend on the length of step $t-1$.
+# Exact mode with $\gamma = 1$ (STORM) is stable at $\eta = 0.1$, and at $\eta = 0.4$ a large part of the seeds blow
+# up: the median correction grows by more than two orders of magnitude within a hundred steps, and the runs that
+# explode leave the median one by one (the curve "exact, $\gamma$ = 1, $\eta$ = 0.4" falls again once only the seeds
+# that rode out the burst are left). At step 1 every correction is $k\,g_1$ (there is no previous gradient yet), so
+# the exact runs, with $k = 19$, start highest. Within a few steps the exact corrections at $\eta = 0.1$ and $0.2$
+# fall below the approx one at $\gamma = 0.3$ ($k = 5.7$) and keep falling as the steps shorten, while the approx
+# corrections stay at their noise level (noise times $k$): large, but they do not feed on themselves, since the noise
+# of step $t$ does not depend on the length of step $t-1$.
 #
 # ## 3. Clipping breaks the loop
 #
@@ -264,7 +265,8 @@ claims.check({
 # grow. We train the finite sum with `mars_ref.MARS(preconditioner="adamw")`, the authors'
 # defaults ($(\beta_1, \beta_2) = (0.95, 0.99)$, approx, $\gamma = 0.025$) and $\eta = 10^{-2}$, one parameter group per
 # seed, so that `clip="global"` clips over the seed's own two tensors ($W_1$ and $w_2$ as a $1\times16$
-# matrix, both 2-D, so both take the MARS path), all seeds in one `step()`.
+# matrix, both 2-D, so both take the MARS path: `mars_ref.MARS` gives 2-D tensors the MARS update and 1-D
+# ones a plain AdamW step), all seeds in one `step()`.
 
 # %%
 MARS_SEEDS, MARS_STEPS = (64, 400) if FULL else (24, 150)
@@ -348,8 +350,9 @@ assert max(medians) / min(medians) < 1.5                       # and the clip mo
 # Answers at the end of the notebook.
 #
 # 1. Why does the factor $\beta_1/(1-\beta_1)$ appear in $k$, and what is $k$ at $\beta_1 = 0.99$, $\gamma = 0.025$?
-# 2. Exact mode at $\gamma = 1$ diverges at large $\eta$, approx mode at $\gamma = 0.3$ does not, although approx's
-#    corrections are larger early on. Why?
+# 2. At $\eta = 0.1$, approx mode at $\gamma = 0.3$ makes corrections over 3× larger than exact mode at
+#    $\gamma = 1$ in the first 20 steps, and no seed diverges; exact mode at $\gamma = 1$ diverges at $\eta = 0.4$.
+#    Why is a large exact correction dangerous and a large approx one not?
 # 3. When does clipping $c_t$ cost progress, and when is it free?
 #
 # ## Exercises
