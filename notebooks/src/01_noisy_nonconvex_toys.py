@@ -175,7 +175,8 @@ claims.check({
 # Momentum's path is smoother, but at the same $\eta$ its floor is about the
 # same: averaging over $\approx 1/(1-\beta_1)$ steps lowers the noise of each step, and the iterate
 # integrates the same noise over the same time.
-#
+
+# %% [markdown] tags=["slide"]
 # ## 3. The noise floor is $\propto \eta\,\sigma^2$
 #
 # Near the minimum, $F(x) \approx \tfrac12 (x - x^\star)^\top H (x - x^\star)$ and SGD is a linear

@@ -45,7 +45,7 @@ ETA, BETA = 0.05, 0.95              # step size; 1 − a = β1 = 0.95 (the MARS 
 problem = toys.TwoLayerRegression()  # N = 128 samples, minibatch B = 8, n = 144 parameters
 print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta = {ETA:g}, 1 - a = {BETA:g}")
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 0. The family: SVRG → SARAH/SPIDER → STORM → MARS
 #
 # Every method below replaces $g_t$ by an estimate $d_t$ of $\nabla F(x_t)$ whose error shrinks instead of
@@ -99,7 +99,8 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 # above covers them, and section 1 shows why none can, since approx STORM at full strength *is* SGD.
 # A rate is also a worst case over a class: it says nothing about one problem at one step size, which
 # is what the measurements in this notebook and in 03b are about.
-#
+
+# %% [markdown]
 # ## 1. Why the recursion reduces the error
 #
 # Write the minibatch noise as a function of the point, $\zeta_t(x) = \nabla f(x, \xi_t) - \nabla F(x)$,
@@ -244,7 +245,8 @@ assert progress["exact STORM"] < 1.1 * others           # not more than 10 % beh
 # assertion is only "not more than 10 % behind at equal cost". A 40× smaller estimator error at the
 # *same* step size does not make a 40× better optimizer: the error is one of several limits on progress (the
 # step size, the curvature, the cost per step). Notebook 03b looks for the regime where it does pay.
-#
+
+# %% [markdown] tags=["slide"]
 # ## 4. What approximate MARS is, and the $\gamma$ sweep
 #
 # MARS feeds $c_t = g_t + k\,(g_t - g_{\text{prev}})$, $k = \gamma\frac{\beta_1}{1-\beta_1}$, into momentum.

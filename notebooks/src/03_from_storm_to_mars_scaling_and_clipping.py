@@ -70,7 +70,7 @@ for beta1 in (0.9, 0.95, 0.99):
     print(f"{beta1:6.2f} | " + " ".join(f"{k:12.4g}" for k in ks))
 assert abs(storm_correction(one, zero, 1.0, 0.95).item() - 20) < 1e-12  # k = 19 at beta1 = 0.95
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 2. How large the correction gets, and the feedback loop
 #
 # What multiplies $k$ differs between the two modes:

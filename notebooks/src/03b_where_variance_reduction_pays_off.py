@@ -139,7 +139,8 @@ claims.check({
 # the noise must be what limits progress (else there is no floor to lower), and the step must be long
 # compared with the averaging ($\eta h \gtrsim a$), which favours *large* step sizes, exactly where SGD's
 # floor is worst.
-#
+
+# %% [markdown] tags=["slide"]
 # ## 2. The payoff on the finite sum: the noise-dominated phase
 #
 # The finite sum of notebooks 01–03 with a small batch ($B = 4$), started where 300 steps of full-batch
@@ -214,7 +215,7 @@ for (name, eta), g in grid.items():
           f"{F_e.std().item():8.1e} {G_e.mean().item():12.2e} | {'':>13}{F_s.mean().item():9.3e} "
           f"{G_s.mean().item():12.2e}{mark}")
 
-# %%
+# %% tags=["slide"]
 fig, (ax0, ax1) = style.figure(1, 2, sharex=True)
 block, start_up = 25, 150  # blocks of 25 steps; exact STORM's start-up spike lies in the first 150 evaluations
 later = {ax0: [], ax1: []}  # band edges after the start-up: they set the y-limits

@@ -106,7 +106,8 @@ claims.check({
 # The only place the scale still enters is `eps`: for coordinates whose gradients are not far above
 # $10^{-8}$ the division damps the step. *Where* exactly `eps` is added differs between published
 # implementations, which matters for tiny gradients; appendix notebook 07 measures it.
-#
+
+# %% [markdown] tags=["slide"]
 # ## 2. Lion's sign
 #
 # MARS-Lion replaces the diagonal by the sign of the momentum:
@@ -420,7 +421,8 @@ claims.check({
 #
 # So "MARS-Shampoo" as the authors ran it is orthogonalised momentum, as in Muon, not Shampoo
 # with second-moment memory, and its bottom rung is a loose, cheap version of $UV^\top$.
-#
+
+# %% [markdown] tags=["slide"]
 # ## 4. With $\gamma = 0$, MARS is its base optimizer
 #
 # $\gamma = 0$ makes $c_t = g_t$; with clipping off (`clip="none"`) the rest of MARS is then
