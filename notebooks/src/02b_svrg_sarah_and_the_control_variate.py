@@ -15,7 +15,9 @@
 # **You need.** Notebooks 01 and 02 (the finite sum, STORM's recursion, exact vs approx); variance and
 # covariance of random vectors.
 #
-# **Class time.** About 25 minutes (the code runs in about 30 s on one CPU thread). Notation: the
+# **Class time.** 25 minutes in lecture 1: §1 (the estimators) in 10, §3's equal-cost figure in 5, §4 (the
+# control-variate condition) in 10; §2 (the theorem), §5 (the stale snapshot) and §6 (α-SVRG) are reading (25
+# minutes). The code runs in about 30 s on one CPU thread. Notation: the
 # [shared table](README.md#notation); new here: the snapshot $\tilde x$, its full gradient $\mu$, the
 # inner-loop (epoch) length $q$ (not the momentum $m_t$), SARAH's estimate $v_t$, the control-variate
 # coefficient $c$ and α-SVRG's $\alpha_t$.

@@ -11,7 +11,7 @@
 #
 # **You need.** Notebook 02 (STORM, exact and approx; MARS's momentum); vector norms.
 #
-# **Class time.** 25 minutes in lecture 2 (§1–§3); §4 is reading (10 minutes). The code runs in about 20 s
+# **Class time.** 20 minutes in lecture 2 (§1–§3); §4 is reading (10 minutes). The code runs in about 20 s
 # on a laptop CPU.
 # Notation: the [shared table](README.md#notation).
 #

@@ -18,8 +18,8 @@
 # **You need.** Notebooks 02–03 (what $m_t$ is); the singular value decomposition; eigenvalues of
 # symmetric matrices. Adam/AdamW at the level of its update equations.
 #
-# **Class time.** 20 minutes in lecture 2 (§2 in 3, §3 the Shampoo ladder in 12, §4 in 5); §1 (AdamW's
-# diagonal) is reading, 5 minutes. The code runs in under 10 s on a laptop CPU. Notation: the
+# **Class time.** 25 minutes in lecture 2 (§1 AdamW's diagonal in 5, §2 in 3, §3 the Shampoo ladder in 12,
+# §4 in 5). The code runs in under 10 s on a laptop CPU. Notation: the
 # [shared table](README.md#notation). Where the published implementations differ in small details
 # (where AdamW's `eps` goes) and how the three implementations of the step in `mars_ref` agree is in
 # the appendix notebook `07_appendix_porting.ipynb`: porting matters, not part of this lesson.
@@ -543,8 +543,8 @@ claims.check({
 # singular values of `newton_schulz(M, steps, dtype=torch.float64)` *without* any matrix product:
 # normalise the singular values of $M$ by $\|M\|_F$ (plus `eps` = $10^{-7}$, as `newton_schulz` does) and
 # apply the polynomial $p(s) = q_1 s + q_3 s^3 + q_5 s^5$ `steps` times (the check notices a call to
-# `newton_schulz`). Then: how many steps does a singular value of $10^{-6}$ (relative to $\|M\|_F$) need to
-# reach 0.5?
+# `newton_schulz` and any matrix product: `@`, `torch.matmul`, `einsum`, …). Then: how many steps does a
+# singular value of $10^{-6}$ (relative to $\|M\|_F$) need to reach 0.5?
 
 # %%
 def ns_singular_values(M, steps):

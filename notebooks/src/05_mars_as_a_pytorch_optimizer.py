@@ -532,9 +532,11 @@ claims.check({
 # `exact_mars_adamw_by_hand(W0, batches, lr, betas, gamma, eps, weight_decay)` that runs exact MARS-AdamW over
 # a list of `(A, Y)` minibatches with the functions of `mars_ref.pieces` (`storm_correction`,
 # `clip_by_norm`, `momentum`, `second_moment`, `adamw_direction`, `decoupled_step`), computing
-# $\nabla f(W_{t-1}; A_t, Y_t)$ yourself, and returns the final $W$. It must agree with
-# `mars_ref.MARS(..., exact=True)` driven by `opt.step(closure)` to round-off in float64. Which single line
-# changes for approximate MARS?
+# $\nabla f(W_{t-1}; A_t, Y_t)$ yourself, and returns the final $W$. Use MARS's conventions: at step 1 there is no
+# previous point, so $g_{\text{prev}} = 0$ (and $c_1 = (1+k)\,g_1$); clip every $c_t$ to norm at most $\tau = 1$
+# (`clip_by_norm`'s default, `MARS`'s `max_norm=1.0`) before it enters both moments; $t$ counts from 1 in the
+# bias corrections. It must agree with `mars_ref.MARS(..., exact=True)` driven by `opt.step(closure)` to
+# round-off in float64. Which single line changes for approximate MARS?
 
 # %%
 def exact_mars_adamw_by_hand(W0, batches, lr, betas=(0.95, 0.99), gamma=0.025, eps=1e-8, weight_decay=0.0):
