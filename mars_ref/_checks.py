@@ -242,7 +242,7 @@ def name_the_culprit(groups, norms_of: list[list[Tensor]], unclipped) -> None:
         for idx, n in enumerate(norms):
             grad, b = lists.grads[idx], lists.branches[idx]
             if not bool(torch.isfinite(n)):
-                c = g.cs[idx] if g.cs is not None else None
+                c = g.cs[idx] if g.cs is not None else None  # None: not kept (a large tensor)
                 norms[idx] = diagnose(n, grad, lists.g_prevs[idx], c, 0.0 if b == "fallback" else h.k,
                                       b == "fallback", h.exact, lists.names[idx]).to(n.dtype)
             if squared_unclipped(b, h.clip):

@@ -55,6 +55,7 @@ from .pieces import (
 PRECONDITIONERS, CLIP_MODES = _checks.PRECONDITIONERS, _checks.CLIP_MODES
 MUON_NS_EPS = 1e-7  # Newton–Schulz's ε for MARS-M (the authors' and torch.optim.Muon's); MARS-Shampoo uses ``eps``
 WAVE_ELEMENTS = 1 << 19  # foreach on CPU: elements per wave (a few MB per state array: a wave stays in cache)
+KEEP_ELEMENTS = 1 << 19  # the readable step keeps c_t from pass 1 for tensors up to this size
 
 
 class MARS(torch.optim.Optimizer):
@@ -348,10 +349,14 @@ def _checked_norms(groups: list[_Group]) -> list[list[Tensor]]:
     for i, g in enumerate(groups):
         h, lists = g.hyper, g.lists
         if g.impl == "readable":
-            cs = [grad if b == "fallback" else _correction(grad, gp, h.k)
-                  for grad, gp, b in zip(lists.grads, lists.g_prevs, lists.branches, strict=True)]
+            cs, norms = [], []
+            for grad, gp, b in zip(lists.grads, lists.g_prevs, lists.branches, strict=True):
+                c = grad if b == "fallback" else _correction(grad, gp, h.k)
+                norms.append(torch.linalg.vector_norm(c))
+                # c_t is kept for pass 2 where it is small (it stays in cache); a large one is computed again
+                # there (the same operations, the same bits) rather than held in memory for the whole group
+                cs.append(c if c.numel() <= KEEP_ELEMENTS else None)
             groups[i] = g = g._replace(cs=cs)
-            norms = [torch.linalg.vector_norm(c) for c in cs]
         elif g.impl == "foreach":
             norms = _multi_tensor_norms(lists, h.k)
         else:
@@ -381,7 +386,9 @@ def _unclipped(g: _Group, idx: int) -> Tensor:
     lists = g.lists
     if lists.branches[idx] == "fallback":
         return lists.grads[idx]
-    return g.cs[idx] if g.cs is not None else _correction(lists.grads[idx], lists.g_prevs[idx], g.hyper.k)
+    if g.cs is not None and g.cs[idx] is not None:
+        return g.cs[idx]
+    return _correction(lists.grads[idx], lists.g_prevs[idx], g.hyper.k)
 
 
 def _correction(g: Tensor, g_prev: Tensor | None, k: float) -> Tensor:
@@ -430,7 +437,7 @@ def _single_tensor_mars(lists: _Lists, h: Hyper, clip: list[Tensor], cs: list[Te
                          eps_first=h.preconditioner == "muon")
             continue
         # 1. correction:  c_t = g_t + γ·β1/(1−β1)·(g_t − g_prev)   (computed in pass 1)
-        c = cs[i] if cs is not None else _correction(g, lists.g_prevs[i], h.k)
+        c = cs[i] if cs is not None and cs[i] is not None else _correction(g, lists.g_prevs[i], h.k)
         # 2. clip:  c_t ← c_t · min(1, τ/‖c_t‖)
         if clip[i] is not None:
             c = c * clip[i]
