@@ -673,3 +673,25 @@ def test_auto_step_impl_is_the_readable_step_on_the_cpu_and_foreach_on_cuda():
     cfg = resolve(TrainConfig(preset="cpu-tiny"))
     assert cfg.step_impl == "auto" and _foreach(cfg) is None  # MARS(foreach=None): foreach on CUDA only
     assert resolve(TrainConfig(preset="cpu-tiny", optimizer="adamw")).step_impl == "auto"  # valid for every optimizer
+
+
+def test_evaluation_calls_the_compiled_model(data_dir, tmp_path, monkeypatch):
+    """With --compile, evaluation runs the compiled model (in eval mode), not the bare one. torch.compile is
+    replaced by a wrapper that records the mode of each call, so the test needs no compiler."""
+    calls = []
+
+    class Recorded(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            calls.append(self.inner.training)
+            return self.inner(*args, **kwargs)
+
+    def fake_compile(obj, *args, **kwargs):
+        return Recorded(obj) if isinstance(obj, torch.nn.Module) else obj
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run(flags(data_dir, tmp_path, "--max-iters", 4, "--eval-interval", 2, "--compile"))
+    assert True in calls and False in calls  # training steps and evaluations both went through it

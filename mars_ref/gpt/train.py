@@ -86,6 +86,7 @@ class Run:
     meta: dict  # the data set's meta.json (vocabulary, tokenizer)
     raw_model: GPT  # the bare model: evaluation, sampling, checkpoints, clipping
     model: torch.nn.Module  # what the training step calls: raw_model, compiled and/or wrapped in DDP
+    eval_model: torch.nn.Module  # what evaluation calls: raw_model, compiled with --compile (no DDP)
     optimizer: torch.optim.Optimizer
     optimizer_step: Callable  # optimizer.step, compiled with --compile where it can be (see compile_step)
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -177,13 +178,14 @@ def setup_run(cfg: TrainConfig, given: dict, stack: ExitStack) -> Run:
                                                   out_dir / "ckpt.pt", meta)
         del ckpt  # free its copy of the weights and optimizer state before training
 
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = eval_model = torch.compile(raw_model) if cfg.compile else raw_model
     if d.world > 1:
         # MARS copies g_prev out of .grad, so DDP may reuse its buckets as the .grad tensors.
         model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None,
                     gradient_as_bucket_view=True)
     run = Run(cfg=cfg, d=d, device=device, out_dir=out_dir, meta=meta, raw_model=raw_model, model=model,
-              optimizer=optimizer, optimizer_step=compile_step(optimizer, cfg), scheduler=scheduler,
+              eval_model=eval_model, optimizer=optimizer, optimizer_step=compile_step(optimizer, cfg),
+              scheduler=scheduler,
               batches=batches, autocast=autocast, my_micro=list(range(d.rank, cfg.grad_accum, d.world)),
               start_step=start_step, elapsed=elapsed, grad_evals=grad_evals,
               first_bad=torch.full((), NEVER, dtype=torch.int64, device=device),
@@ -279,7 +281,7 @@ def evaluate(run: Run) -> float:
     for k in range(run.d.rank, run.cfg.eval_iters, run.d.world):
         x, y = run.batches.get("val", VAL_STREAM, 0, k)
         with run.autocast:
-            total += run.raw_model(x, y)[1].float()
+            total += run.eval_model(x, y)[1].float()
     run.raw_model.train()
     if run.d.world > 1:
         dist.all_reduce(total)
