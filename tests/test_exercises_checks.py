@@ -4,6 +4,7 @@ is not."""
 import itertools
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -198,6 +199,9 @@ def test_an_answer_that_never_returns_is_stopped_with_a_message():
     worker.start()
     worker.join(10)
     assert not outcome["v"][0] and "did not finish within 1 s" in outcome["v"][1]
+    time.sleep(0.5)
+    assert not [t for t in threading.enumerate() if t is not threading.current_thread() and t.daemon
+                and t.is_alive() and "target" in t.name], "the stopped answer runs on in the background"
 
 
 def test_an_answer_that_changes_its_input_cannot_break_the_check():

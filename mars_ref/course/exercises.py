@@ -27,6 +27,7 @@ its check.
 from __future__ import annotations
 
 import copy
+import ctypes
 import decimal
 import itertools
 import math
@@ -506,7 +507,8 @@ EXERCISES: dict[str, Exercise] = {
 
 def _within(seconds: float, run: Callable[[], str]) -> str:
     """``run()``, stopped with :class:`_TimeUp` after ``seconds``: by SIGALRM in the main thread (a notebook's
-    kernel), else by waiting for a daemon thread (which then runs on in the background, unobserved)."""
+    kernel), else in a daemon thread that is then stopped by an exception raised into it (at its next Python
+    line: a loop in Python stops; a long torch call finishes first), so no answer runs on in the background."""
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
         def stop(signum, frame):
             raise _TimeUp
@@ -528,6 +530,8 @@ def _within(seconds: float, run: Callable[[], str]) -> str:
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_TimeUp))
+        worker.join(5.0)
         raise _TimeUp
     if "error" in outcome:
         raise outcome["error"]
