@@ -177,7 +177,9 @@ def summarize(c: C.Correction, cache: dict) -> dict:
     for point in points:
         arms = {arm: _by(records, "primary", point, arm) for arm in ("adamw", "recipe", "mars")}
         entry = {"seeds_done": {arm: sorted(s for s, rec in runs.items() if rec is not None)
-                                for arm, runs in arms.items()}, "means": {}, "effects": {}}
+                                for arm, runs in arms.items()}, "means": {}, "effects": {},
+                 "per_seed": {arm: {w: {s: metric(rec, w) for s, rec in sorted(runs.items()) if rec is not None}
+                                    for w in ("final", "mid")} for arm, runs in arms.items()}}
         for arm, runs in arms.items():
             vals = [metric(rec, "final") for rec in runs.values() if rec is not None]
             entry["means"][arm] = statistics.fmean(vals) if vals and all(map(math.isfinite, vals)) else None
@@ -235,7 +237,18 @@ def summarize(c: C.Correction, cache: dict) -> dict:
             grid.setdefault(f"{gamma:g}", {}).setdefault(f"{r.factor:g}", {})[r.seed] = (
                 None if rec is None else metric(rec, "final"))
     out["gamma_lr"] = grid
+    out["cost"] = cost(records, cache)
     return out
+
+
+def cost(records: dict, cache: dict) -> dict:
+    """What the runs cost: the single-thread seconds of the runs this script made (its own cache), as measured, and
+    how many planned runs it read from the study's cache instead."""
+    own = [rec for rec in records.values() if rec is not None and rec["key"] in cache]
+    stamps = sorted(rec["finished_at"] for rec in own if rec.get("finished_at"))
+    return {"own_runs": len(own), "shared_with_study": sum(rec is not None for rec in records.values()) - len(own),
+            "run_seconds": sum(rec["result"]["seconds"] for rec in own),
+            "first_finished": stamps[0] if stamps else None, "last_finished": stamps[-1] if stamps else None}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -280,6 +293,21 @@ def table_markdown(summary: dict) -> str:
         lines += ["", f"Pooled over {pooled['points']} points: mean of the points' correction effects "
                   f"{pooled['mean_of_means']:+.3f}, 95% t interval over points {_fmt(pooled['interval_over_points'])}, "
                   f"sign test p = {pooled['sign_test_p']:.3g}."]
+    lines += ["", "## Every seed (final validation loss, and at half the steps in brackets; ∞ = diverged)", "",
+              "A paired mean can hide two kinds of run: on a character-level model a run can stay on the early "
+              "plateau (about 2.5 nats) for most of its steps. The seeds, arm by arm:", "",
+              "| point | arm | " + " | ".join(f"seed {s}" for s in d["seeds"]) + " |",
+              "|---|---|" + "---|" * len(d["seeds"])]
+    names = {"adamw": "AdamW", "recipe": "MARS γ = 0", "mars": f"MARS γ = {d['gamma']:g}"}
+    v = lambda x: "∞" if not math.isfinite(x) else f"{x:.3f}"  # noqa: E731
+    for point, e in summary["points"].items():
+        for arm, label in names.items():
+            runs = e["per_seed"][arm]
+            if not runs["final"]:
+                continue
+            cells = [f"{v(runs['final'][s])} ({v(runs['mid'][s])})" if s in runs["final"] else "·"
+                     for s in d["seeds"]]
+            lines.append(f"| {point} | {label} | " + " | ".join(cells) + " |")
     lines += ["", "## The recipe, piece by piece (middle point, AdamW's lr)", "", "| step | effect |", "|---|---|"]
     for s in summary["recipe_pieces"]:
         lines.append(f"| {s['from']} → {s['to']} | {_fmt(s['effect'])} |")
@@ -305,6 +333,12 @@ def table_markdown(summary: dict) -> str:
             cells.append(" ".join("·" if v is None else ("∞" if not math.isfinite(v) else f"{v:.3f}")
                                   for _, v in sorted(seeds.items())))
         lines.append(f"| {gamma} | " + " | ".join(cells) + " |")
+    k = summary["cost"]
+    lines += ["", "## Cost", "",
+              f"This script's own {k['own_runs']} runs took {k['run_seconds'] / 3600:.2f} core-hours as measured "
+              f"({k['run_seconds'] / 2 / 3600:.2f} h at 2 workers; one torch thread each; finished between "
+              f"{k['first_finished']} and {k['last_finished']}, on a machine also doing other work); "
+              f"{k['shared_with_study']} more planned runs are the study's, read from its cache."]
     return "\n".join(lines) + "\n"
 
 
