@@ -37,6 +37,7 @@ import os
 import mars_ref
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import LogLocator
 
 from mars_ref.course import claims, style, toys
 from mars_ref.course.exercises import check
@@ -119,6 +120,10 @@ for (mode, gamma, eta), r in corr_runs.items():
         never.append(label)
 ax0.set(xlabel="step $t$", ylabel=r"$\|c_t - g_t\|$, median of the seeds still running",
         title=r"Size of the correction $k\,(g_t - g_{\rm prev})$", ylim=style.log_limits(*medians.values()))
+start = medians["exact", 1.0, 0.1][0].item()  # step 1: c_1 - g_1 = k g_1, the same in every exact run
+ax0.annotate("step 1: the three exact runs\n" r"start together at $k\,g_1$ (no $g_{\rm prev}$ yet)", (1, start),
+             xytext=(30, 25), textcoords="data", fontsize=12, va="center",
+             arrowprops=dict(arrowstyle="->", color=style.BLACK, lw=1.2))
 ax1.set(xlabel="step $t$", ylabel=f"seeds diverged (of {SEEDS})", ylim=(0, SEEDS), title="Seeds diverged")
 ax1.text(0.03, 0.97, "no seed diverged in:\n" + "\n".join(never), transform=ax1.transAxes, va="top", fontsize=12,
          bbox=dict(facecolor="white", edgecolor=style.GREY, alpha=0.9))
@@ -185,35 +190,50 @@ for mode, gamma, eta in (("exact", 1.0, 0.2), ("exact", 1.0, 0.4), ("approx", 0.
         clip_runs[mode, gamma, eta, clip] = toys.run(problem, f"mars-{mode}", lr=eta, steps=STEPS, seeds=SEEDS,
                                                      seed=3, beta=BETA, gamma=gamma, clip=clip)
 
-fig, ax = style.figure()
-labels = []
+# Two panels on one log scale, broken at F = 1: below, where every median and nearly every seed lies, the
+# spread within each group; above, compressed, the unclipped seeds that blew up but stayed finite.
+BREAK = 1.0
 finite = torch.cat([r.final_loss[torch.isfinite(r.final_loss)] for r in clip_runs.values()])
-top = finite.max().item() * 1e4  # far above every finite loss: where the divergence counts are written
+fig, (ax_hi, ax) = style.figure(2, 1, sharex=True, height_ratios=(1, 2.4))
+labels = []
 for i, ((mode, gamma, eta, clip), r) in enumerate(clip_runs.items()):
     final = r.final_loss  # +inf for a diverged seed
     jitter = (torch.rand(SEEDS, generator=torch.Generator().manual_seed(i)) - 0.5) * 0.4
     ok = torch.isfinite(final)
     colour = (style.BLUE, style.VERMILION, style.GREEN)[CLIPS.index(clip)]
     marker = "os^"[CLIPS.index(clip)]
-    ax.scatter(i + jitter[ok], final[ok], s=22, alpha=0.6, color=colour, marker=marker,
-               label=f"clip {clip!r}" if i < 3 else None)
+    for a in (ax_hi, ax):  # each panel shows the seeds inside its own range
+        a.scatter(i + jitter[ok], final[ok], s=28, alpha=0.6, color=colour, marker=marker,
+                  label=f"clip {clip!r}" if i < 3 else None)
     n_div = int((~ok).sum())
     median = final.median().item()  # over all seeds, a diverged one counting as +inf
     if math.isfinite(median):
         ax.plot([i - 0.3, i + 0.3], [median] * 2, color=style.BLACK, ls="-", lw=2.5,
                 label="median of all seeds" if i == 0 else None)
-    ax.text(i, top, f"{n_div}/{SEEDS}\ndiverged" + ("" if math.isfinite(median) else "\n(so is\nthe median)"),
-            ha="center", va="top", fontsize=12, color=style.BLACK if n_div else style.GREY,
-            fontweight="bold" if n_div else "normal")
+    # above the panels: x in data (the group), y in axes coordinates (just over the top)
+    ax_hi.text(i, 1.04, f"{n_div}/{SEEDS}\ndiverged" + ("" if math.isfinite(median) else "\n(median +∞)"),
+               transform=ax_hi.get_xaxis_transform(), ha="center", va="bottom", fontsize=12,
+               color=style.BLACK if n_div else style.GREY, fontweight="bold" if n_div else "normal")
     labels.append(f"{mode}\nγ = {gamma:g}\nη = {eta:g}")
-for i in (2.5, 5.5):
-    ax.axvline(i, color=style.GREY, lw=1)
-ax.set_yscale("log")
+for a in (ax_hi, ax):
+    a.set_yscale("log")
+    for i in (2.5, 5.5):
+        a.axvline(i, color=style.GREY, lw=1)
+ax.set_ylim(finite.min().item() / 1.5, BREAK)
+ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # ticks 0.01, 0.02, 0.05, 0.1, ...
+ax.yaxis.set_major_formatter(lambda y, _: f"{y:g}")    # as plain numbers
+ax_hi.set_ylim(BREAK, max(finite.max().item(), BREAK) * 5)
+ax_hi.set_yticks([10.0 ** k for k in range(2, int(math.log10(ax_hi.get_ylim()[1])) + 1, 2)])
+ax_hi.spines["bottom"].set_visible(False)
+ax_hi.tick_params(axis="x", bottom=False)
+for a, y in ((ax_hi, 0), (ax, 1)):  # the break marks on the left spine
+    a.plot([0], [y], transform=a.transAxes, marker=[(-1, -0.5), (1, 0.5)], ms=14, mew=1.5, color=style.BLACK,
+           ls="none", clip_on=False)
 ax.set_xticks(range(len(labels)), labels)
+fig.supylabel(r"final loss $F(x_{T+1})$ per seed (axis broken at 1)", fontsize=13)
 fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4)
-ax.set(ylabel=r"final loss $F(x_{T+1})$ per seed", ylim=(finite.min().item() / 2, top * 3),
-       title=rf"Final loss of {SEEDS} seeds after {STEPS} steps (bar: median of all seeds, diverged = $+\infty$; "
-             "top: seeds diverged)")
+fig.suptitle(rf"Final loss of {SEEDS} seeds after {STEPS} steps (bar: median of all seeds, diverged = $+\infty$; "
+             "top: seeds diverged)", fontsize=14)
 style.save(fig, "03_clipping_final_loss")
 plt.show()
 
@@ -309,6 +329,8 @@ for ax, (clip, (mean, half)), colour in zip(axes, intervals.items(), (style.BLUE
     ax.set(yscale="log", xlabel="step $t$", title=f"clip = {clip!r}")
 axes[0].plot([], [], color=style.GREY, lw=1.2, ls="--", label="the other two means")
 axes[0].set_ylabel(r"$F(x_t)$")
+axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # ticks 0.05, 0.1, 0.2, 0.5, 1 (shared by the three)
+axes[0].yaxis.set_major_formatter(lambda y, _: f"{y:g}")
 axes[0].legend(loc="upper right")
 fig.suptitle(rf"mars_ref.MARS (AdamW, approx, $\gamma$ = 0.025, $\eta$ = 0.01): mean ± 95% t-interval over "
              f"{MARS_SEEDS} seeds")

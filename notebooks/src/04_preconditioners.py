@@ -225,17 +225,21 @@ bf_vs_64 = [rel_dist(newton_schulz(M_spread, k, dtype=torch.bfloat16),
                      newton_schulz(M_spread, k, dtype=torch.float64)) for k in ks if k > 0]
 
 fig, (ax0, ax1) = style.figure(1, 2)
-colors = plt.cm.viridis([j / 5 for j in range(6)])
+colors = plt.cm.plasma([0.6 * j / 5 for j in range(6)])  # dark blue to red: no light end, all read on the band
 for j in range(6):
-    ax0.semilogx(spectrum / spectrum.norm(), sv[torch.float64][j], "-", color=colors[j], label=f"j = {j}")
+    ax0.semilogx(spectrum / spectrum.norm(), sv[torch.float64][j], "-", color=colors[j], label=f"j = {j}",
+                 lw=3 if j == 5 else 2)
     ax0.semilogx(spectrum / spectrum.norm(), sv[torch.bfloat16][j], ".", color=colors[j], ms=6)
-ax0.axhspan(0.7, 1.2, color=style.ORANGE, alpha=0.15, label="[0.7, 1.2]")
+ax0.axhspan(0.7, 1.2, facecolor=style.GREY, alpha=0.12, edgecolor="none", label="[0.7, 1.2]")
+for edge in (0.7, 1.2):
+    ax0.axhline(edge, color=style.GREY, lw=1, ls="--")
 ax0.set(xlabel=r"singular value $s_i$ of $X_0 = M/\|M\|_F$", ylim=(-0.05, 1.6),
         ylabel=r"$u_i^\top X_j v_i$ (= $p^{(j)}(s_i)$ exactly)",
         title="What j steps do to each singular value\n(lines float64, dots bfloat16)")
 ax0.legend(ncol=3, loc="upper center")
 ax1.plot(list(ks), dist[torch.float64], "o-", color=style.BLUE, label=r"float64: $\|X_j - UV^\top\|_F / \|UV^\top\|_F$")
-ax1.plot(list(ks), dist[torch.bfloat16], "s--", color=style.VERMILION, label=r"bfloat16: the same")
+ax1.plot(list(ks), dist[torch.bfloat16], "s--", color=style.VERMILION, mfc="none", ms=10, mew=2,  # open: float64 shows
+         label=r"bfloat16: the same")
 ax1.plot(list(ks)[1:], bf_vs_64, "^:", color=style.GREEN, label=r"$\|X_j^{bf16} - X_j^{f64}\|_F / \|X_j^{f64}\|_F$")
 ax1.axvline(5, color=style.GREY, lw=1.5, ls="-")
 ax1.text(5.2, 0.03, "the authors' 5 steps", color=style.GREY, fontsize=12)
@@ -360,7 +364,8 @@ all_ladders = {**random_ladders, **real_ladders}
 fig, (ax0, ax1) = style.figure(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
 for i, (name, lad) in enumerate(all_ladders.items()):  # from T = 2: at T = 1 the distance is round-off (printed)
     ax0.plot(range(2, STEPS + 1), lad["full->one-step"][1:], color=style.CYCLE[i],
-             ls="--" if name.startswith("random") else "-", marker="os^Dv"[i], markevery=5, label=name)
+             ls="--" if name.startswith("random") else "-", marker="os^Dv"[i], markevery=(i, 5), ms=8,
+             label=name)  # markers staggered by one step per curve, so that curves that meet keep both
 ax0.set(xlabel=r"number of gradients $T$ accumulated in $L_T, R_T$ (from 2)", ylim=(0, None),
         ylabel="relative distance (scale matched)", title="Rung 1 → rung 2: full Shampoo vs $UV^\\top$")
 ax0.legend(title="matrix")
