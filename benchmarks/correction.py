@@ -39,6 +39,9 @@ Design, fixed before any run of it
   (``--schedule wsd``: the peak lr until the last 20% of the steps after the warm-up, then linear to min_lr) at
   the lrs chosen under the cosine, seeds 1–3: the gaps just before the decay (the evaluation at 80% of the
   steps) and at the end.
+* **γ = 0 at its own lr** (not fixed in advance, so exploratory: chosen after the primary results showed γ = 0 at
+  MARS's lr staying on the early plateau on most seeds at T and at M-t1-b32): γ = 0's own seed-0 grid ×{1/4, …, 4}
+  of MARS's base, its best rerun on seeds 1–5; the correction again with each arm at its own lr.
 * **β2's half-life in tokens** (batch 8 and 128): AdamW and both MARS arms with β2 set so that its half-life in
   tokens is the one at batch 32 (β2' = β2^(B/32), as Marek et al. 2025 hold it), at the lr chosen with the
   default β2, seeds 1–5.
@@ -86,6 +89,8 @@ MARS_BETAS, ADAMW_BETAS = (0.95, 0.99), (0.9, 0.95)
 SCHEDULE_POINTS = [("M", 4, 32), ("M", 8, 32)]
 SCHEDULE_SEEDS = [1, 2, 3]
 WSD = (("decay_frac", 0.2), ("schedule", "wsd"))
+OWN_LR_POINTS = [("M", 1, 32), None]  # None: T. Where γ = 0 at MARS's lr stays on the plateau on most seeds
+OWN_LR_FACTORS = [0.25, 0.5, 1.0, 2.0, 4.0]
 MARS_WD = 0.01
 
 #: the arms: (label, the study variant whose lr it takes, γ or None, extra TrainConfig fields)
@@ -112,7 +117,7 @@ for _g in GAMMA_LR_GAMMAS:
 class Run:
     """One training run of this study: a part, a point, an arm, an lr factor, a seed and extra config fields."""
 
-    part: str  # "primary", "recipe", "gamma-lr", "beta2"
+    part: str  # "tune", "primary", "recipe", "beta2", "schedule", "gamma-lr", "own-lr"
     point: str
     arm: str
     factor: float
@@ -224,12 +229,25 @@ class Correction:
                     f = plan.factors.get((point, ARMS[arm][1]))
                     if f is not None:
                         plan.runs.extend(Run("primary", point, arm, f, s) for s in SEEDS)
+        # 2. γ = 0 at its own lr (a seed-0 grid, then seeds 1–5 at its best), where it stalls at MARS's
+        for p in OWN_LR_POINTS:
+            point = T_POINT if p is None else _point(*p)
+            grid = [Run("own-lr", point, "recipe", f, HELD_OUT_SEED) for f in OWN_LR_FACTORS]
+            plan.runs.extend(grid)
+            losses = {r.factor: _loss(cache[self.job(r).key]["result"].get("final_val_loss"))
+                      for r in grid if self.job(r).key in cache}
+            if len(losses) < len(grid):
+                plan.waiting.append(f"{point}/γ = 0: its own seed-0 lr grid")
+                continue
+            f = min(losses, key=lambda k: (losses[k], k))
+            plan.factors[(point, "recipe-own-lr")] = f
+            plan.runs.extend(Run("own-lr", point, "recipe", f, s) for s in SEEDS)
         mid = _point(*MIDDLE)
-        # 2. the recipe piece by piece at the middle point
+        # 3. the recipe piece by piece at the middle point
         f = plan.factors.get((mid, "adamw"))
         if f is not None:
             plan.runs.extend(Run("recipe", mid, arm, f, s) for arm in ("adamw+betas", "adamw+betas+wd") for s in SEEDS)
-        # 3. β2's half-life in tokens fixed at batch 32's
+        # 4. β2's half-life in tokens fixed at batch 32's
         for size, tpp, batch in M_POINTS:
             if batch == 32:
                 continue
@@ -240,14 +258,14 @@ class Correction:
                     continue
                 beta2 = (ADAMW_BETAS if arm == "adamw" else MARS_BETAS)[1] ** (batch / 32)
                 plan.runs.extend(Run("beta2", point, arm, f, s, (("beta2", round(beta2, 6)),)) for s in SEEDS)
-        # 4. the schedule control: warmup-stable-decay at the cosine's lrs
+        # 5. the schedule control: warmup-stable-decay at the cosine's lrs
         for size, tpp, batch in SCHEDULE_POINTS:
             point = _point(size, tpp, batch)
             for arm in ("adamw", "recipe", "mars"):
                 f = plan.factors.get((point, ARMS[arm][1]))
                 if f is not None:
                     plan.runs.extend(Run("schedule", point, arm, f, s, WSD) for s in SCHEDULE_SEEDS)
-        # 5. γ × lr at the middle point
+        # 6. γ × lr at the middle point
         for gamma in GAMMA_LR_GAMMAS:
             arm = gamma_arm(gamma)
             plan.runs.extend(Run("gamma-lr", mid, arm, f, s) for s in GAMMA_LR_SEEDS for f in GAMMA_LR_FACTORS)

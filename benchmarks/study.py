@@ -814,9 +814,12 @@ def run_study(study: Study, cache_dir: Path, workers: int, max_runs: int | None 
             study.calibrate(cache)
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}): {finished} runs finished and cached; rerun the same command to continue")
-        for p in list(getattr(pool, "_processes", {}).values()):  # our own workers, by pid
+        # Our own workers, by pid: SIGKILL, since their runs in flight are discarded anyway. A worker given SIGTERM
+        # stops its run at the next step and then blocks forever handing back a result nobody reads (the pool is
+        # shut down), and the interpreter's exit waits for it.
+        for p in list(getattr(pool, "_processes", {}).values()):
             with contextlib.suppress(Exception):
-                p.terminate()
+                p.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     finally:

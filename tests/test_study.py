@@ -359,3 +359,41 @@ def test_results_are_written_by_the_projects_one_atomic_writer(tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         study.write_atomic(path, '{"a": 2}\n')
     assert path.read_text() == '{"a": 1}\n' and os.listdir(tmp_path) == ["r.json"]
+
+
+SIGTERM_SCRIPT = """
+import sys
+sys.path[:0] = [{benchmarks!r}, {tests!r}]
+import study, test_study
+study.MODES["quick"] = dict(test_study.TINY, tpp_unit=500.0)  # runs of thousands of steps: one is in flight
+sys.exit(study.main(["--quick", "--workers", "2", "--cache", {cache!r}, "--data-dir", {data!r}]))
+"""
+
+
+def test_sigterm_to_the_runner_exits_promptly_and_caches_no_cut_run(data_dir, tmp_path):
+    """SIGTERM while two workers train: the runner exits 130 within seconds (no worker may be left blocking the
+    exit) and caches nothing of the runs it cut."""
+    import signal
+    import subprocess
+    import time
+
+    cache, tmp = tmp_path / "cache", tmp_path / "tmp"
+    tmp.mkdir()
+    script = SIGTERM_SCRIPT.format(benchmarks=str(ROOT / "benchmarks"), tests=str(ROOT / "tests"), cache=str(cache),
+                                   data=str(data_dir))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(tmp)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp.glob(f"{study.RUN_TMP_PREFIX}*/metrics.jsonl"))) < 2:  # both workers are training
+            assert proc.poll() is None and time.monotonic() < deadline, "the runs did not start"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, out
+    assert "interrupted (signal 15)" in out
+    assert not list(cache.glob("*.json"))  # the cut runs are not cached, as diverged or otherwise
