@@ -237,6 +237,20 @@ def summarize(c: C.Correction, cache: dict) -> dict:
             grid.setdefault(f"{gamma:g}", {}).setdefault(f"{r.factor:g}", {})[r.seed] = (
                 None if rec is None else metric(rec, "final"))
     out["gamma_lr"] = grid
+    own = {}
+    for p in C.OWN_LR_POINTS:
+        point = C.T_POINT if p is None else C._point(*p)
+        grid = {r.factor: metric(rec, "final") for r, rec in records.items()
+                if r.part == "own-lr" and r.point == point and r.seed == C.HELD_OUT_SEED and rec is not None}
+        f = plan.factors.get((point, "recipe-own-lr"))
+        at_own = {} if f is None else {r.seed: rec for r, rec in records.items() if r.part == "own-lr"
+                                       and r.point == point and r.factor == f and r.seed in C.SEEDS}
+        mars, adamw = _by(records, "primary", point, "mars"), _by(records, "primary", point, "adamw")
+        own[point] = {"grid_seed0": grid, "chosen_factor": f, "mars_factor": plan.factors.get((point, "mars-adamw")),
+                      "correction": {w: paired(_diffs(mars, at_own, w)) for w in METRICS},
+                      "recipe": paired(_diffs(at_own, adamw, "final")),
+                      "per_seed": {s: metric(rec, "final") for s, rec in sorted(at_own.items()) if rec is not None}}
+    out["gamma0_own_lr"] = own
     out["cost"] = cost(records, cache)
     return out
 
@@ -308,6 +322,17 @@ def table_markdown(summary: dict) -> str:
             cells = [f"{v(runs['final'][s])} ({v(runs['mid'][s])})" if s in runs["final"] else "·"
                      for s in d["seeds"]]
             lines.append(f"| {point} | {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## γ = 0 at its own lr (exploratory)", "",
+              "Where γ = 0 at MARS's lr stays on the plateau, γ = 0 gets its own seed-0 grid (×1/4 … ×4 of MARS's "
+              "base) and its best lr on seeds 1–5; the correction is then γ = 0.025 at MARS's lr minus γ = 0 at its "
+              "own. Not fixed in advance, so outside the Holm family above.", "",
+              "| point | seed-0 grid (lr factor: final) | γ = 0's lr / MARS's | correction, final | "
+              "correction, mid-run | recipe (γ = 0 own lr − AdamW) |", "|---|---|---|---|---|---|"]
+    for point, e in summary["gamma0_own_lr"].items():
+        grid = ", ".join(f"×{f:g}: {v(x)}" for f, x in sorted(e["grid_seed0"].items()))
+        ratio = "—" if e["chosen_factor"] is None else f"×{e['chosen_factor']:g} / ×{e['mars_factor']:g}"
+        lines.append(f"| {point} | {grid or '—'} | {ratio} | {_fmt(e['correction']['final'])} | "
+                     f"{_fmt(e['correction']['mid'])} | {_fmt(e['recipe'])} |")
     lines += ["", "## The recipe, piece by piece (middle point, AdamW's lr)", "", "| step | effect |", "|---|---|"]
     for s in summary["recipe_pieces"]:
         lines.append(f"| {s['from']} → {s['to']} | {_fmt(s['effect'])} |")
