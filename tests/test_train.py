@@ -620,10 +620,12 @@ def test_sigterm_under_torchrun_checkpoints_the_stop_step_and_resumes_bit_for_bi
 def test_gpu_lab_preset_runs_shrunk_on_the_cpu(tmp_path):
     """The one-GPU lab tier (``--preset gpu-lab``: GPT-2-shaped, Shakespeare in GPT-2 tokens, AdamW vs MARS with
     the variance probe), verified here on the CPU at shrunk size: the real BPE corpus (prepared offline), the
-    vocabulary padded to 50304, a 1-layer model of width 32, 3 steps, each of the lab's optimizers."""
+    vocabulary padded to 50304, a 1-layer model of width 32, 3 steps, each of the lab's runs (notebook 06's four,
+    the gamma = 0 control among them)."""
     data_root = tmp_path / "data"
-    for optimizer, extra in (("adamw", []), ("mars-adamw", []), ("mars-adamw", ["--exact"])):
-        out = tmp_path / f"{optimizer}{'-exact' if extra else ''}"
+    for optimizer, extra in (("adamw", []), ("mars-adamw", []), ("mars-adamw", ["--exact"]),
+                             ("mars-adamw", ["--gamma", "0"])):
+        out = tmp_path / "-".join([optimizer, *(e.strip("-") for e in extra)])
         summary = run(["--preset", "gpu-lab", "--optimizer", optimizer, *extra, "--n-layer", "1", "--n-head", "2",
                        "--n-embd", "32", "--block-size", "32", "--batch-size", "2", "--max-iters", "3",
                        "--eval-interval", "3", "--eval-iters", "1", "--variance-every", "3", "--variance-batches",
@@ -631,6 +633,8 @@ def test_gpu_lab_preset_runs_shrunk_on_the_cpu(tmp_path):
                        "--device", "cpu"])
         config = json.loads((out / "config.json").read_text())
         assert config["dataset"] == "shakespeare-gpt2" and config["vocab_size"] == 50304
+        if optimizer == "mars-adamw":  # the control: MARS-AdamW's betas and recipe, gamma 0
+            assert config["gamma"] == (0.0 if "--gamma" in extra else 0.025) and config["beta1"] == 0.95
         assert math.isfinite(summary["val_loss"])
         assert any(r["kind"] == "variance" for r in read_metrics(out / "metrics.jsonl"))
     meta = json.loads((data_root / "shakespeare-gpt2" / "meta.json").read_text())

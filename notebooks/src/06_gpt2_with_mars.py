@@ -34,10 +34,11 @@
 # character-level Shakespeare, a 0.1M-parameter GPT, 300 steps of 16 × 64 characters per
 # optimizer. That is about 10⁻⁵ of the paper's tokens and 10⁻³ of its parameters: this notebook
 # teaches how the experiment is run and measured, it does not reproduce the paper's numbers.
-# `SCALE = "gpu-lab"` (or `MARS_REF_SCALE=gpu-lab`) is the lab tier: the same cells on one GPU, estimated
-# from FLOPs at about 0.5–1 minute per run on an A100 and 5–10 minutes on a T4 (`docs/gpu.md`; an estimate,
-# not a measurement: never run on a GPU here, see notebooks/README.md): a GPT-2-shaped 30M-parameter
-# model on Shakespeare in GPT-2 tokens, offline; AdamW, MARS-AdamW and exact MARS with the variance probe.
+# `SCALE = "gpu-lab"` (or `MARS_REF_SCALE=gpu-lab`) is the lab tier: the same cells on one GPU, a GPT-2-shaped
+# 30M-parameter model on Shakespeare in GPT-2 tokens, offline; four runs with the variance probe: AdamW,
+# MARS-AdamW, exact MARS and the $\gamma = 0$ control. Estimated from FLOPs at about 0.5–1 minute per run on an
+# A100 and 5–10 minutes on a T4, exact MARS about twice that, so about 2.5–5 minutes for the four on an A100 and
+# 25–50 on a T4 (`docs/gpu.md`; an estimate, not a measurement: never run on a GPU here, see notebooks/README.md).
 # `SCALE = "gpt2-small"` (or `MARS_REF_SCALE=gpt2-small`, or `MARS_REF_FULL=1`) switches the very same
 # cells to the paper's GPT-2 small recipe on OpenWebText, for CUDA GPUs.
 
@@ -65,11 +66,12 @@ from mars_ref.gpt.train import TrainConfig, load_model, make_optimizer, model_co
 
 # ═════════════════════════════ THE ONE SETTING OF THIS NOTEBOOK ═════════════════════════════
 # "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~1 min.
-# "gpu-lab"    : one GPU, ~0.5–1 min per run on an A100, 5–10 min on a T4 (docs/gpu.md, from FLOPs,
-#                unmeasured): --preset gpu-lab
-#                (6 × 384, GPT-2 tokens, 1,500 steps of 16 × 256) for AdamW, MARS-AdamW and exact MARS. Also
-#                MARS_REF_SCALE=gpu-lab. (Verified here on the CPU only
-#                at shrunk size: tests/test_train.py::test_gpu_lab_preset_runs_shrunk_on_the_cpu.)
+# "gpu-lab"    : one GPU: --preset gpu-lab (6 × 384, GPT-2 tokens, 1,500 steps of 16 × 256) for AdamW,
+#                MARS-AdamW, exact MARS and MARS gamma=0 (the control). ~0.5–1 min per run on an A100, 5–10 min
+#                on a T4, exact MARS twice that: ~2.5–5 min for the 4 runs on an A100, ~25–50 min on a T4
+#                (docs/gpu.md, from FLOPs, unmeasured: never run on a GPU). Also MARS_REF_SCALE=gpu-lab.
+#                (Verified here on the CPU only, at shrunk size:
+#                tests/test_train.py::test_gpu_lab_preset_runs_shrunk_on_the_cpu.)
 # "gpt2-small" : the paper's GPT-2 small recipe (124M parameters, OpenWebText, 100k steps of
 #                480 × 1024 tokens) on CUDA GPUs: days. Also MARS_REF_SCALE=gpt2-small or MARS_REF_FULL=1.
 SCALE = os.environ.get("MARS_REF_SCALE") or ("gpt2-small" if os.environ.get("MARS_REF_FULL") == "1" else "cpu")
@@ -98,10 +100,10 @@ elif SCALE == "gpu-lab":
     DATA_DIR, RUNS_DIR = Path(WORK.name) / "data", Path(WORK.name) / "runs"
     DATASET = "shakespeare-gpt2"
     COMMON = dict(preset="gpu-lab", device="cuda", variance_every=150, variance_batches=16, sample_tokens=0)
-    # The gamma = 0 control costs a fourth run (about a third more time): add "MARS gamma=0": ("mars-adamw", False,
-    # 0.0) when the lab has the time; without it the probe cannot put a difference on the correction.
+    # MARS gamma=0 is the control, as on the CPU: MARS-AdamW's betas and recipe without the correction, so that
+    # the probe can put a difference on the correction (a fourth run: about a fifth of the tier's time).
     RUNS = {"AdamW": ("adamw", False), "MARS-AdamW": ("mars-adamw", False),
-            "MARS-AdamW exact": ("mars-adamw", True)}
+            "MARS-AdamW exact": ("mars-adamw", True), "MARS gamma=0": ("mars-adamw", False, 0.0)}
     STEP_IMPL = "foreach"  # MARS's grouped kernels, the fast step on CUDA (the trainer's --step-impl)
 elif SCALE == "gpt2-small":
     if not torch.cuda.is_available():
@@ -469,6 +471,14 @@ for name in VAR_RUNS + [n for n in RUNS if n not in VAR_RUNS and probes(n)]:
 if "MARS gamma=0" in late_m:  # the control: the same optimizer, beta1 and recipe, without the correction
     print(f"MARS-AdamW vs its gamma = 0 control, second half: MSE(m)/MSE(g) {late_m['MARS-AdamW']:.2f} vs "
           f"{late_m['MARS gamma=0']:.2f}, 1-cos(m) {late_cos_m['MARS-AdamW']:.2f} vs {late_cos_m['MARS gamma=0']:.2f}")
+probed = summaries["MARS-AdamW"]  # its config.json: how often the probe measured, on how many held-out batches
+n_probes = len(probes("MARS-AdamW"))
+if n_probes:
+    extra = n_probes * probed["variance_batches"]
+    train_grads = evals("MARS-AdamW")[-1]["grad_evals"] * probed["grad_accum"]  # micro-batch gradients
+    print(f"the probe's cost: {n_probes} measurements per run (every {probed['variance_every']} steps), each the "
+          f"gradient on {probed['variance_batches']} held-out micro-batches: {extra} extra gradients beside "
+          f"training's {train_grads} ({extra / train_grads:.0%}; exact MARS adds one per measurement)")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -501,10 +511,10 @@ if SCALE == "cpu":
 # the same optimizer, the same $\beta_1 = 0.95$, the same recipe, without the correction. AdamW is no
 # control for it: its $\beta_1 = 0.9$ averages over half as many steps, and its learning rate differs. Against
 # the control, MARS-AdamW's momentum is not measurably closer to $\nabla F$: both momenta sit at the zero
-# vector's MSE, and their late cosines are close (the last line of the table). The ratio to $\mathrm{MSE}(g_t)$
+# vector's MSE, and their late cosines are close (the first line under the table). The ratio to $\mathrm{MSE}(g_t)$
 # differs between the two runs, but with both momenta no better than guessing 0 that ratio measures the
-# runs' gradients, not an estimate; and each run is one seed. At the GPU scales the control is not among the
-# runs (it costs a fourth run), so there this comparison cannot be made.
+# runs' gradients, not an estimate; and each run is one seed. The `gpu-lab` tier trains the control too; at
+# `gpt2-small` scale it is not among the runs (a fourth run of days), so there this comparison cannot be made.
 #
 # So at this scale **the variance reduction of MARS does not show**. That is not a contradiction of
 # the paper, whose gain is a few hundredths of a nat after billions of tokens, but it is an honest
@@ -613,6 +623,18 @@ claims.check({
 #   Against the $\gamma = 0$ control (same $\beta_1$, same recipe), the variance reduction of MARS itself does
 #   not show at this scale.
 #
+# ## Questions
+#
+# Answers at the end of the notebook.
+#
+# 1. Late in training every momentum $m_t$ has under half the MSE of $g_t$ to $\hat\nabla F$, and clipping
+#    could give $c_t$ a smaller MSE too. Why is a smaller MSE no proof of a better estimate of $\nabla F$, and
+#    what does the notebook look at beside it?
+# 2. What does the $\gamma = 0$ control isolate that AdamW cannot, and what does it leave open?
+# 3. Why can this notebook's numbers not reproduce the paper's table, not even its gain of MARS-AdamW over
+#    AdamW? What could be compared?
+# 4. What does one variance measurement cost, and why is it taken every 25 steps rather than at every step?
+#
 # ## Exercises
 #
 # Write each function in its cell, run it, then run the `check` cell under it. Reference solutions:
@@ -657,6 +679,42 @@ def momentum_lag(gamma, beta1):
 check("06.2", momentum_lag)
 
 # %% [markdown]
+# ## Answers to the questions
+#
+# 1. The MSE depends on the estimate's size: pulling a noisy estimate towards 0 lowers $\lVert e - \nabla F\rVert^2$
+#    whenever its noise outweighs its signal, and here it does (after step 100, $\mathrm{MSE}(g_t)$ is at least
+#    0.8× the zero vector's). Clipping each tensor of $c_t$ to norm 1 shrinks it; averaging some 20 gradients that
+#    point different ways shrinks $m_t$. So the notebook also reads the zero vector's MSE, which every momentum
+#    matches (0.94–1.01 of it: no information about $\nabla F$ in the MSE sense), and the scale-free
+#    $1 - \cos(e, \hat\nabla F)$: 0.76–0.89 for the momenta against 0.36–0.58 for $g_t$. The momentum is small,
+#    not pointing the right way.
+# 2. The control is MARS-AdamW without the term $k(g_t - g_{t-1})$: the same code (per-tensor clip, 1-D fallback),
+#    $\beta_1 = 0.95$, $\beta_2$, learning rates, weight decay, schedule, data and seed. A difference between the
+#    two is the correction's, up to one seed's noise; its $c_t$ is the clipped $g_t$ (noise ratio 1.00).
+#    AdamW differs in $\beta_1$ (0.9: about 10 steps averaged, not 20), learning rate (0.006 against 0.01) and
+#    weight decay (0.1 against 0.01), so MARS-AdamW − AdamW (+0.015 here) mixes the recipe with the correction.
+#    The control leaves open whether MARS's recipe beats AdamW's (a tuned comparison with seeds, notebook 05),
+#    whether a larger $\gamma$, model or run would show the correction, and what one seed hides: the runs part
+#    after the first step, so their probes measure different points $x_t$. Here the control differs by little
+#    (best validation loss 2.461 against 2.479; late $1-\cos(m)$ 0.92 against 0.86), and both momenta sit at
+#    the zero vector's MSE, so the ratios 0.47 and 0.23 to $\mathrm{MSE}(g_t)$ compare the runs' gradients, not
+#    two estimates.
+# 3. Scale: 0.11M parameters and 3 × 10⁵ characters against 125–770M parameters and 5–50B tokens (10³ and
+#    10⁴–10⁵ times), 300 steps against tens of thousands. Units: nats per character of Shakespeare are not
+#    nats per BPE token of OpenWebText, so 2.46 says nothing against 2.5–3.2. The gain: the paper's 0.036–0.14
+#    nats is small and builds up over billions of tokens; ours is +0.015 from one seed, with CPU learning rates
+#    tuned for 900-step runs, within the noise of a single short run. Only the order of the optimizers within a
+#    column could be compared, and that needs several seeds and tuned rates (`benchmarks/reproduce.py`).
+# 4. One measurement takes the gradient at $x_t$ on 8 held-out micro-batches (exact MARS one more, at $x_{t-1}$
+#    on the step's batch): about 8 training steps of compute. Every 25 steps that is 12 measurements, 96 extra
+#    gradients beside training's 300 (32 %); at every step it would be 2,400, eight times the training. The
+#    probe uses its own batches, restores the random state and is kept off the run's clock, so it costs time,
+#    never the trajectory. Twelve points cover the warm-up and the decay well enough for medians, and 25 steps
+#    apart a momentum with $\beta_1 = 0.95$ has kept only $0.95^{25} \approx 0.28$ of what it held, so
+#    measurements at every step would mostly repeat each other. The price of only 8 held-out batches is the
+#    noise floor of $\hat\nabla F$ (one batch's variance divided by 8), subtracted in the ratios. The `gpu-lab`
+#    tier measures every 150 steps on 16 batches: 160 extra gradients beside 1,500, about 11 %.
+#
 # ## References
 #
 # * H. Yuan et al., *MARS: Make vAriance Reduction Shine*, [arXiv 2411.10438](https://arxiv.org/abs/2411.10438),
