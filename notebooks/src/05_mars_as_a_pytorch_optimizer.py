@@ -5,33 +5,59 @@
 #
 # **What this notebook teaches.** How to use `mars_ref.MARS` like any `torch.optim` optimizer (exact
 # mode is `opt.step(closure)`), and how to compare optimizers so that the comparison can say
-# something: equal tuning effort, fresh seeds with their spread, equal steps *and* equal gradient
-# evaluations, an ablation that removes only the correction, and a measurement of what the correction
+# something: equal tuning effort, held-out seeds with their spread, equal steps *and* equal gradient
+# evaluations, a control run that removes only the correction, and a measurement of what the correction
 # actually is in each mode.
 #
-# **You need.** Notebooks 02–04; a PyTorch training loop; mean and standard deviation over seeds.
+# **You need.** Notebooks 02–04 (exact and approximate MARS, the preconditioners); a PyTorch training loop;
+# mean and standard deviation over seeds.
 #
 # **Class time.** In the lab: 25 minutes (run it, read steps 1–3); steps 4–5 are reading (10 minutes). The
 # code runs in about 25 s on a laptop CPU.
 # Notation: the [shared table](README.md#notation).
 #
-# `mars_ref.MARS` is a `torch.optim.Optimizer`: it goes wherever AdamW goes. This notebook
-# trains the same small network with **MARS** (MARS-AdamW, approximate, the authors'
-# defaults), **AdamW** (`torch.optim.AdamW`), **Lion** and **Muon** (`mars_ref.Lion`,
-# `mars_ref.Muon`), and **MARS-M** (`MARS(preconditioner="muon")`, the authors' later variant that puts
-# Muon where MARS-AdamW puts AdamW), and compares them the way a comparison should be made:
+# `mars_ref.MARS` is a `torch.optim.Optimizer`: it goes wherever AdamW goes. This notebook trains the same
+# small network with eight runs, named so in every figure and table (`lr` in a label is the run's peak
+# learning rate $\eta$, chosen in step 1):
+#
+# * **AdamW** (`torch.optim.AdamW`), **Lion** and **Muon** (`mars_ref.Lion`, `mars_ref.Muon`): the base
+#   optimizers of notebook 04, run on their own;
+# * **MARS approx**: `mars_ref.MARS` with the authors' defaults, i.e. MARS-AdamW in *approximate* mode: the
+#   correction $\gamma\frac{\beta_1}{1-\beta_1}(g_t - g_{\text{prev}})$ of notebooks 02–03 takes as
+#   $g_{\text{prev}}$ the previous step's gradient $g_{t-1}$, computed on the previous minibatch;
+# * **MARS exact**: `MARS(..., exact=True)`: $g_{\text{prev}} = \nabla f(x_{t-1}, \xi_t)$, the gradient at the
+#   previous point on the *current* minibatch $\xi_t$, which costs a second forward–backward pass per step;
+# * **MARS exact, half steps**: MARS exact with half the steps, so that it uses as many gradient evaluations
+#   as the others;
+# * **MARS-M**: `MARS(preconditioner="muon")`, the authors' later variant that puts Muon where MARS-AdamW
+#   puts AdamW;
+# * **MARS gamma=0**, the **$\gamma = 0$ control**: MARS approx at MARS approx's learning rate with the
+#   correction switched off ($\gamma = 0$), so that it differs from MARS approx in that one thing only.
+#
+# The words of the comparison:
+#
+# * a **gradient evaluation** is one forward and backward pass on one minibatch: the unit of compute;
+# * a **seed** fixes the student network's initialisation and its batch order (the data set is the same for
+#   all). Seed 0 is the **tuning seed**, used only to choose learning rates; seeds 1–3 (1–5 at full
+#   size) are **held-out seeds**, used only for the reported numbers;
+# * the **95% t-interval** over $n$ seeds is mean $\pm\, t_{0.975,\,n-1}\, s/\sqrt{n}$, with $s$ the sample
+#   standard deviation over the seeds and $t_{0.975,\,n-1}$ Student's quantile (4.30 for $n = 3$): the
+#   course's error bar. Two runs whose intervals overlap are called *not separable* on these seeds;
+# * a **paired difference** is $a_i - b_i$ for two runs on the same seed $i$ (same initialisation, same
+#   batches); its t-interval is over the $n$ differences.
+#
+# The comparison:
 #
 # * **equal tuning effort**: every optimizer gets the same three-point learning-rate grid
-#   around its usual value, and the best point is picked by validation loss on a tuning seed;
-# * **several seeds** for the final numbers (different initialisation and batch order),
-#   reported as mean ± 95% t-interval over seeds (in the figures; the tables also give the standard
-#   deviation), never one lucky run;
-# * **exact vs approximate MARS** at equal *steps* and at equal *gradient evaluations*:
-#   exact MARS calls `opt.step(closure)`, and the closure runs twice per step.
+#   around its usual value, and the best point is picked by validation loss on the tuning seed;
+# * **several held-out seeds** for the final numbers, reported as mean ± 95% t-interval (the tables also give
+#   the standard deviation), never one lucky run;
+# * **exact vs approximate MARS** at equal *steps* (so exact gets twice the gradient evaluations) and at
+#   equal *gradient evaluations* (so exact gets half the steps).
 #
 # The task is CPU-sized on purpose (the whole notebook takes well under a minute), so read the
 # results as what they are: one small problem, a few seeds. Set `MARS_REF_FULL=1` for a bigger
-# run (4× the training data, 2.5× the steps, 5 seeds; a few minutes).
+# run (4× the training data, 2.5× the steps, 5 held-out seeds; a few minutes).
 
 # %%
 import os
@@ -39,6 +65,7 @@ import mars_ref
 import math
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,7 +97,8 @@ print(f"{'full' if FULL else 'default'} size: {N_TRAIN} training examples, {STEP
 #
 # The student has **only 2-D weight matrices**, so every tensor takes each optimizer's main
 # path (MARS's corrected AdamW, Muon's Newton–Schulz, Lion's sign): none of the 1-D fallback
-# rules (`lr_1d`, `betas_1d`) takes part in the comparison.
+# rules (the plain AdamW step, with its own `lr_1d` and `betas_1d`, that MARS and Muon give tensors other than
+# matrices, such as biases) takes part in the comparison.
 
 # %%
 D_IN, TEACHER_HIDDEN, HIDDEN, CLASSES = 16, 32, 128, 10
@@ -110,8 +138,9 @@ print(f"untrained student: val loss {evaluate(make_model(0))[0]:.3f} (log 10 = {
 #
 # The loop is ordinary PyTorch. The only MARS-specific line is the exact-mode branch: exact
 # MARS needs $\nabla f(x_{t-1}, \xi_t)$, the gradient at the **previous point on the current
-# minibatch**, so `step` takes a closure and calls it a second time with the parameters swapped
-# back to $x_{t-1}$:
+# minibatch**, so `step` takes a closure (a function that zeroes the gradients, computes the loss on the
+# current minibatch and backpropagates: `torch.optim`'s interface for optimizers that need more than one
+# gradient per step) and calls it a second time with the parameters swapped back to $x_{t-1}$:
 #
 # $$c_t = g_t + \gamma\,\frac{\beta_1}{1-\beta_1}\big(g_t - \nabla f(x_{t-1}, \xi_t)\big)\quad\text{(exact)},\qquad
 #   c_t = g_t + \gamma\,\frac{\beta_1}{1-\beta_1}\big(g_t - g_{t-1}\big)\quad\text{(approx)}.$$
@@ -190,13 +219,15 @@ OPTIMIZERS = {  # name: (constructor given params and lr, the 3-point lr grid, e
 # ## Step 1: tune the learning rate, the same way for everyone
 #
 # Three learning rates per optimizer, about a factor 3 apart. Lion's grid sits lower (its sign
-# update is larger per coordinate). A first pilot with every grid one step lower put AdamW's and
-# MARS's best at the upper edge, so their grids were moved up one step; now every chosen point is
-# interior (the printout flags an edge). The other hyperparameters: MARS $(\beta_1, \beta_2) = (0.95, 0.99)$,
-# $\gamma = 0.025$ (the authors' defaults); AdamW $(0.9, 0.95)$, nanoGPT's setting for GPT-2, which the MARS
-# paper's baseline uses (`torch.optim.AdamW`'s own default is $(0.9, 0.999)$); Lion's $(b_1, b_2) = (0.9, 0.99)$
-# (its paper's default); Muon momentum 0.95, Nesterov (its reference code's default). Selection: lowest final
-# validation loss on the tuning seed (seed 0, not used for the reported numbers).
+# update is larger per coordinate). A best point on the edge of a grid would mean the optimum may lie
+# outside it, and the grid would have to move one step; the printout flags an edge, and here every chosen
+# point is interior. The other hyperparameters: MARS $(\beta_1, \beta_2) = (0.95, 0.99)$,
+# $\gamma = 0.025$ (the authors' defaults); AdamW $(0.9, 0.95)$, the setting of nanoGPT (a small public GPT-2
+# training code) that the MARS paper's baseline uses (`torch.optim.AdamW`'s own default is $(0.9, 0.999)$);
+# Lion's $(b_1, b_2) = (0.9, 0.99)$ (its paper's default); Muon momentum 0.95, Nesterov (its reference code's
+# default). Selection: lowest final validation loss on the tuning seed (seed 0, not used for the reported
+# numbers). MARS exact, half steps is tuned on its own grid at its own length; MARS gamma=0 is not tuned: it
+# takes MARS approx's learning rate, so that only $\gamma$ differs.
 
 # %%
 tuning = {name: {lr: train(make, lr, TUNING_SEED, steps, exact)["val_loss"][-1] for lr in grid}
@@ -232,10 +263,14 @@ for name, results in tuning.items():
     print(f"{name:>23} | {grid} | best {best_lr[name]:g}{edge}")
 
 # %% [markdown]
-# ## Step 2: the tuned optimizers on fresh seeds
+# ## Step 2: the tuned optimizers on held-out seeds
 #
-# Each optimizer at its chosen learning rate, on seeds that played no part in the tuning.
-# The bands are mean ± 95% t-interval over seeds (with 3 seeds, $t_{0.975,2} = 4.30$: wide).
+# Each optimizer at its chosen learning rate, on the held-out seeds, which played no part in the tuning.
+# In the figure, left: the mean validation loss over the seeds, its band the 95% t-interval (with 3 seeds,
+# $t_{0.975,2} = 4.30$: wide). Right: where each run ends, as a paired difference to AdamW on the same seed
+# (final loss minus AdamW's; open markers: one per seed; filled marker and bar: the mean and the 95%
+# t-interval of the per-seed differences). A bar that crosses zero means these seeds cannot tell that optimizer
+# from AdamW.
 
 # %%
 runs = {name: [train(make, best_lr[name], seed, steps, exact) for seed in SEEDS]
@@ -249,26 +284,44 @@ def stats(curves, key="val_loss"):
 
 
 # %%
-fig, (ax0, ax1) = style.figure(1, 2)
-for name in ["AdamW", "Lion", "Muon", "MARS approx", "MARS-M"]:
-    mean, std = stats(runs[name])
+FIVE = ["AdamW", "Lion", "Muon", "MARS approx", "MARS-M"]
+final = {name: torch.tensor([c["val_loss"][-1] for c in curves], dtype=torch.float64)
+         for name, curves in runs.items()}
+paired = {name: tuple(v.item() for v in toys.t_interval(final[name] - final["AdamW"]))  # (mean, half-width)
+          for name in FIVE[1:]}
+fig, (ax0, ax1) = style.figure(1, 2, gridspec_kw=dict(width_ratios=(1.1, 1)))
+for name in FIVE:
+    mean, half = stats(runs[name])
     steps = runs[name][0]["step"]
     look = style.line(name, every=4, label=f"{name} (lr {best_lr[name]:g})")
-    for ax in (ax0, ax1):
-        ax.plot(steps, mean, **look)
-        ax.fill_between(steps, mean - std, mean + std, color=look["color"], alpha=0.2, lw=0)
-ax0.set(xlabel="step", ylabel="validation loss (cross-entropy)", title="Whole run")
+    ax0.plot(steps, mean, **look)
+    ax0.fill_between(steps, mean - half, mean + half, color=look["color"], alpha=0.2, lw=0)
+ax0.set(xlabel="step", ylabel="validation loss (cross-entropy)", title="Whole run (bands: 95% t-interval)")
 ax0.legend()
-ax1.set(xlabel="step", title="Second half, zoomed", xlim=(STEPS // 2, STEPS))
-final_means = [stats(runs[n])[0][-1].item() for n in ["AdamW", "Lion", "Muon", "MARS approx", "MARS-M"]]
-ax1.set_ylim(min(final_means) - 0.04, max(final_means) + 0.1)
-fig.suptitle(f"Tuned optimizers on fresh seeds: mean ± 95% t-interval over {len(SEEDS)} seeds")
+ax1.axhline(0, color=style.BLACK, lw=2)
+for i, (name, (m, h)) in enumerate(paired.items()):  # one column per optimizer: its seeds, then mean and bar
+    look = style.METHODS[name]
+    ax1.plot(torch.linspace(i - 0.3, i - 0.1, len(SEEDS)), final[name] - final["AdamW"], ls="none",
+             marker=look["marker"], ms=10, mfc="none", mec=look["color"], mew=2)
+    ax1.errorbar([i + 0.15], [m], yerr=[h], color=look["color"], marker=look["marker"], ms=12, lw=3, capsize=9,
+                 capthick=3)
+ax1.set_xticks(range(len(paired)), [f"{name}\n" + f"{m:+.3f}\n± {h:.3f}".replace("-", "−")
+                                    for name, (m, h) in paired.items()])
+ax1.set_xlim(-0.5, len(paired) - 0.5)
+low = min(min((final[n] - final["AdamW"]).min().item(), m - h) for n, (m, h) in paired.items())
+high = max(m + h for m, h in paired.values())
+ax1.set_ylim(low - 0.1 * (high - low), high + 0.45 * (high - low))  # room for the legend above the bars
+ax1.grid(axis="x", visible=False)
+ax1.set(ylabel="final val loss minus AdamW's, same seed", title="End of the run, paired with AdamW by seed")
+ax1.legend(handles=[Line2D([], [], color=style.BLACK, lw=2, label="AdamW (zero difference)"),
+                    Line2D([], [], ls="none", marker="o", ms=10, mfc="none", mec=style.GREY, mew=2, label="one seed"),
+                    Line2D([], [], color=style.GREY, lw=3, marker="o", ms=12, label="mean ± 95% t-interval")],
+           loc="upper right")
+fig.suptitle(f"Tuned optimizers on held-out seeds: mean ± 95% t-interval over {len(SEEDS)} seeds")
 style.save(fig, "05_optimizers")
 plt.show()
 
 # %%
-final = {name: torch.tensor([c["val_loss"][-1] for c in curves], dtype=torch.float64)
-         for name, curves in runs.items()}
 acc = {name: torch.tensor([c["val_acc"] for c in curves], dtype=torch.float64) for name, curves in runs.items()}
 evals = {name: curves[0]["grad_evals"][-1] for name, curves in runs.items()}
 interval = {name: tuple(v.item() for v in toys.t_interval(f)) for name, f in final.items()}  # (mean, t s / sqrt n)
@@ -296,6 +349,8 @@ print("95% t-intervals that overlap (not separable on these seeds): "
       + ", ".join(f"{a} / {b}" for i, a in enumerate(FOUR) for b in FOUR[i + 1:] if overlap(a, b)))
 print("disjoint (separable): " + ", ".join(f"{a} / {b}" for i, a in enumerate(FOUR) for b in FOUR[i + 1:]
                                             if not overlap(a, b)))
+print("paired with AdamW (final loss minus AdamW's, same seed), mean and 95% t-interval: "
+      + ", ".join(f"{n} {m:+.3f} [{m - h:+.3f} .. {m + h:+.3f}]" for n, (m, h) in paired.items()))
 d_m = final["MARS-M"] - final["Muon"]  # paired by seed: the same initialisation and batches
 print(f"MARS-M minus Muon (its base), paired by seed: {d_m.mean().item():+.3f} ± {d_m.std().item():.3f} "
       f"({int((d_m < 0).sum())} of {len(d_m)} seeds lower)")
@@ -310,6 +365,9 @@ claims.check({
         not overlap("Lion", "MARS approx") and not overlap("Lion", "AdamW")
         and interval["Lion"][0] > max(interval["MARS approx"][0], interval["AdamW"][0]),
     "MARS-M (gamma = 0.025) ends within 0.03 of Muon, its base, in mean final loss": abs(d_m.mean().item()) < 0.03,
+    "paired with AdamW by seed: Lion's interval lies above zero, Muon's and MARS approx's contain zero":
+        paired["Lion"][0] - paired["Lion"][1] > 0
+        and all(abs(paired[n][0]) < paired[n][1] for n in ("Muon", "MARS approx")),
 })
 
 # %% [markdown]
@@ -387,10 +445,11 @@ claims.check({
 #
 # ## Step 4: what did the correction itself do?
 #
-# The clean ablation is MARS with $\gamma = 0$: same code, same learning rate, same clipping and
+# The $\gamma = 0$ control (MARS gamma=0) answers it: same code, same learning rate, same clipping and
 # betas, only the correction term $\gamma\frac{\beta_1}{1-\beta_1}(g_t - g_{t-1})$ removed
-# (with $\gamma = 0$ MARS-AdamW is AdamW on per-tensor-clipped gradients, see notebook 04).
-# The cell also compares exact MARS with $\gamma = 0$ (both from the table of step 2).
+# (with $\gamma = 0$ MARS-AdamW is AdamW on per-tensor-clipped gradients, see notebook 04). The cell takes
+# the paired difference MARS approx − MARS gamma=0 per seed, and compares exact MARS with $\gamma = 0$
+# (all from the table of step 2).
 
 # %%
 ablation = (final["MARS approx"] - final["MARS gamma=0"]).tolist()
@@ -501,11 +560,13 @@ claims.check({
 # * `mars_ref.MARS` is used exactly like `torch.optim.AdamW`: same loop, same scheduler; exact
 #   mode only changes `opt.step()` into `opt.step(closure)`, which costs a second forward and
 #   backward pass per step.
-# * On this small, noisy-label teacher–student task, with a 3-point learning-rate grid each and fresh
+# * On this small, noisy-label teacher–student task, with a 3-point learning-rate grid each and held-out
 #   seeds, every optimizer learns. By the 95% t-intervals over three seeds, AdamW, Muon and MARS approx are
 #   within seed noise of one another, and so are Lion and Muon; Lion (1.020) ends above AdamW (0.990) and MARS
 #   approx (0.987), with intervals disjoint from theirs (the printed table has the numbers; their last digits
-#   vary between CPUs). Loss and accuracy need not rank optimizers the same way: compare both columns.
+#   vary between CPUs). Paired with AdamW by seed (the figure's right panel) the reading is the same: Lion
+#   ends above AdamW (+0.030 ± 0.025), Muon and MARS approx within noise of it. Loss and accuracy need not
+#   rank optimizers the same way: compare both columns.
 # * MARS-M, the authors' Muon-based variant, ended next to Muon, its base (within 0.03 in mean final loss;
 #   on the machine that executed this notebook a little above it on every seed): the correction does
 #   not buy Muon anything here either.
@@ -520,6 +581,20 @@ claims.check({
 #   a comparison that could tell, and how small the differences are on a toy. Notebook 03b shows a
 #   regime where variance reduction does win at the optimizer level; notebook 06 runs the paper's
 #   experiment at CPU scale.
+#
+# ## Questions
+#
+# Answers at the end of the notebook.
+#
+# 1. Learning rates are chosen on seed 0 and the results reported on seeds 1–3. Why not choose and report on
+#    the same seeds? And why does every optimizer get a grid of the same size, with its best point inside it?
+# 2. Exact MARS ends above approx by 0.004 at equal steps and by 0.031 at equal gradient evaluations. Which
+#    comparison decides whether `exact=True` is worth it, and why is the half-steps run the lowest of the
+#    three at step 300 although it ends the highest?
+# 3. What does the paired difference MARS approx − MARS gamma=0 measure that MARS approx − AdamW does not?
+#    What did it give here?
+# 4. Why are the intervals over three seeds so wide, and how much narrower would five seeds make them for
+#    the same seed-to-seed spread? Does pairing by seed always narrow them?
 #
 # ## Exercises
 #
@@ -566,6 +641,35 @@ def paired_difference(a, b):
 check("05.2", paired_difference)
 
 # %% [markdown]
+# ## Answers to the questions
+#
+# 1. The best of three noisy runs is chosen partly for its luck: reported on the same runs, that luck is
+#    reported too (a minimum of noisy numbers is biased low), and the more points an optimizer tries, the
+#    luckier its best one. Held-out seeds score the chosen learning rate with runs that took no part in
+#    choosing it. Equal grids give every optimizer the same tuning effort, so no one wins by having been
+#    tried more; a best point on the edge would mean its optimum may lie outside the grid, a handicap for
+#    that optimizer alone. Here the printout flags no edge.
+# 2. Equal gradient evaluations, when compute is the budget: exact MARS costs two per step (1199 against 600
+#    over the run). At equal steps it had twice the compute and gained nothing beyond seed noise (+0.001,
+#    +0.009, +0.004 per seed); at equal evaluations it has 300 steps and ends above approx on every seed
+#    (+0.025 to +0.041). Equal steps answers another question: is the exact estimator better per step? Here it
+#    is not. At step 300 the half-steps run's cosine schedule is at its end, 0.10 of its peak, while the full
+#    runs are at 0.55: a smaller learning rate means a lower noise floor (notebook 01), not a better optimizer.
+#    Compare runs at the end of their own budgets.
+# 3. MARS gamma=0 shares everything with MARS approx but the correction: code path, learning rate, betas
+#    $(0.95, 0.99)$, per-tensor clip, schedule, initialisation and batches. So the paired difference is the
+#    effect of the correction alone. Against AdamW, the difference also carries other betas $(0.9, 0.95)$,
+#    no clipping and a separately tuned learning rate. Here it was −0.000, −0.012, −0.005 per seed (mean
+#    −0.006), within the seed spread (standard deviation up to 0.007); and exact MARS ended 0.001 from
+#    $\gamma = 0$, since its correction is about 1 % of the gradient (step 5).
+# 4. The half-width is $t_{0.975,\,n-1}\,s/\sqrt{n}$. With $n = 3$ the spread $s$ is estimated from only two
+#    degrees of freedom, so Student's quantile is 4.30 (1.96 if $s$ were known), and $\sqrt{3}$ divides little:
+#    the half-width is $2.48\,s$. Five seeds give $t_{0.975,4}/\sqrt{5} = 2.78/2.24 = 1.24$, half the width for
+#    the same $s$. Pairing removes what a seed does to both runs alike, so it narrows the interval only when the
+#    two runs move together across seeds: for MARS approx − AdamW the paired half-width is 0.016, but for
+#    Muon − AdamW it is 0.032, wider than either run's own interval (0.018 and 0.013), because on one seed Muon
+#    ends below AdamW and on the other two about 0.02 above it (the open markers).
+#
 # ## References
 #
 # * H. Yuan et al., *MARS: Make vAriance Reduction Shine*, [arXiv 2411.10438](https://arxiv.org/abs/2411.10438).
