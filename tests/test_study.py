@@ -373,6 +373,7 @@ sys.exit(study.main(["--quick", "--workers", "2", "--cache", {cache!r}, "--data-
 def test_sigterm_to_the_runner_exits_promptly_and_caches_no_cut_run(data_dir, tmp_path):
     """SIGTERM while two workers train: the runner exits 130 within seconds (no worker may be left blocking the
     exit) and caches nothing of the runs it cut."""
+    import contextlib
     import signal
     import subprocess
     import time
@@ -382,7 +383,7 @@ def test_sigterm_to_the_runner_exits_promptly_and_caches_no_cut_run(data_dir, tm
     script = SIGTERM_SCRIPT.format(benchmarks=str(ROOT / "benchmarks"), tests=str(ROOT / "tests"), cache=str(cache),
                                    data=str(data_dir))
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(tmp)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while len(list(tmp.glob(f"{study.RUN_TMP_PREFIX}*/metrics.jsonl"))) < 2:  # both workers are training
@@ -392,7 +393,8 @@ def test_sigterm_to_the_runner_exits_promptly_and_caches_no_cut_run(data_dir, tm
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the runner and any worker it left behind
         proc.wait()
     assert proc.returncode == 130, out
     assert "interrupted (signal 15)" in out
