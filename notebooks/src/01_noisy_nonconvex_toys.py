@@ -8,12 +8,13 @@
 # known; and the law of SGD's noise floor (for small steps $\mathbb{E}[F] \approx n\eta\sigma^2/4$ in $n$
 # dimensions, so $\eta\sigma^2/2$ on the 2-D valley), checked against nine runs. These toys are the test
 # bench of notebooks 02, 03 and 03b.
-#
+
+# %% [markdown] tags=["notes"]
 # **You need.** Gradient descent and the idea of a minibatch gradient; expectations and variances of
 # sums of independent terms; enough PyTorch to read tensor code. No optimizer theory.
 #
 # **Class time.** 20 minutes in lecture 1 (§1–§3); §4 is reading (10 minutes). The code
-# runs in under half a minute on a laptop CPU.
+# runs in about 15 s on a laptop CPU.
 # Notation: the [shared table](README.md#notation) of the course; one meaning per symbol in every notebook.
 #
 # Variance reduction (STORM, MARS) is about one thing: the stochastic gradient
@@ -52,6 +53,9 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds")
 #   g(x, \xi) = \frac1B \sum_{i \in \xi} \nabla f_i(x),$$
 #
 # with the minibatch $\xi = (i_1, \dots, i_B)$ drawn uniformly, with replacement.
+
+# %% [markdown] tags=["slide"]
+# ### The noise of a minibatch gradient
 #
 # Each index is an independent draw, so the minibatch gradient is unbiased and its noise is the
 # per-sample covariance $\Sigma(x) = \frac1N\sum_i (\nabla f_i - \nabla F)(\nabla f_i - \nabla F)^\top$
@@ -59,7 +63,10 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds")
 #
 # $$\mathbb{E}\,\|g(x,\xi) - \nabla F(x)\|^2 = \frac{\operatorname{tr}\Sigma(x)}{B}.$$
 #
-# The batch size is the noise knob. We compute $\operatorname{tr}\Sigma$ exactly from the $N$
+# The batch size is the noise knob.
+
+# %% [markdown] tags=["notes"]
+# We compute $\operatorname{tr}\Sigma$ exactly from the $N$
 # per-sample gradients and compare with 4096 sampled minibatches.
 #
 # Two lines you will meet in every notebook: `# NBVAL_CHECK_OUTPUT` marks a cell whose printed output the
@@ -72,6 +79,7 @@ problem = toys.TwoLayerRegression()          # N = 128, d_in = 8, hidden = 16, B
 gen = torch.Generator().manual_seed(1)
 x0 = problem.init(gen)
 full = problem.grad(x0)
+# problem.n is the number of samples N (not the n = 144 parameters, which is problem.dim)
 per_sample = problem.grad(x0.expand(problem.n, -1), torch.arange(problem.n).unsqueeze(-1))  # ∇f_i(x0), (N, 144)
 tr_sigma = (per_sample - full).square().sum(-1).mean().item()
 print(f"F(x0) = {problem.loss(x0).item():.4f}, ||grad F(x0)||^2 = {full.square().sum().item():.4f}, "
@@ -83,12 +91,13 @@ for B in (1, 4, 16, 64):
     print(f"{B:4d} {tr_sigma / B:13.4f} {measured:9.4f} {measured / (tr_sigma / B):6.2f}")
     assert abs(measured / (tr_sigma / B) - 1) < 0.1  # 4096 draws: a few % sampling error
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # At the start the noise of a batch of 8 ($\operatorname{tr}\Sigma/8$) is already comparable to the
 # squared full gradient itself. What happens to it later depends on the problem: on the 2-D valley
 # below the noise has the same size everywhere, on the finite sum it shrinks as the network fits the
 # data (section 4 measures it).
-#
+
+# %% [markdown] tags=["slide"]
 # ## 2. The 2-D valley: SGD and momentum on a contour plot
 #
 # $$F(u, v) = (1-u)^2 + 5\,(v-u^2)^2, \qquad g(x, \xi) = \nabla F(x) + \sigma\,\xi,\quad \xi\sim N(0, I_2).$$
@@ -99,7 +108,8 @@ for B in (1, 4, 16, 64):
 # * **SGD**: $x_{t+1} = x_t - \eta\, g_t$
 # * **SGD-momentum** (EMA form, as in MARS): $m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t$,
 #   $x_{t+1} = x_t - \eta\, m_t$, $\beta_1 = 0.9$ (`mars_ref.pieces.momentum`).
-#
+
+# %% [markdown] tags=["notes"]
 # `toys.run` runs all seeds at once as rows of one tensor.
 
 # %% tags=["slide"]
@@ -131,7 +141,7 @@ fig.suptitle(rf"SGD and momentum on the valley, $\eta$ = {ETA:g}, {STEPS_2D} ste
 style.save(fig, "01_valley_paths")
 plt.show()
 
-# %%
+# %% tags=["slide"]
 fig, ax = style.figure()
 for (sigma, method), L in losses.items():
     look = style.line(NAME[method], label=rf"{NAME[method]}, $\sigma$ = {sigma:g}")
@@ -167,12 +177,12 @@ claims.check({
         all(abs(level[3.0, m][1] / level[3.0, m][0] - 1) < 0.15 for m in ("sgd", "momentum")),
 })
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # Without noise both methods follow the valley floor to the minimum and the loss keeps falling
 # (the faint curves go down by orders of magnitude). With $\sigma = 3$ they reach the valley just as
 # fast, then **stall**: the iterate jitters around $(1,1)$ and the loss stays at a *noise floor* near
-# $\eta\sigma^2/2$ (dotted line; section 3 derives it, and why it is about a fifth low at this $\eta$).
-# Momentum's path is smoother, but at the same $\eta$ its floor is about the
+# $\eta\sigma^2/2$ (dotted line): SGD's plateau, 0.0534, is 19 % above the line's 0.045, close to the 18 %
+# that section 3 derives for this $\eta$. Momentum's path is smoother, but at the same $\eta$ its floor is about the
 # same: averaging over $\approx 1/(1-\beta_1)$ steps lowers the noise of each step, and the iterate
 # integrates the same noise over the same time.
 
@@ -187,14 +197,15 @@ claims.check({
 # $$\mathbb{E}[F] \;\to\; \sum_{j=1}^{n} \frac{h_j}{2}\cdot\frac{\eta\sigma^2}{h_j(2 - \eta h_j)}
 #   = \frac{\eta\sigma^2}{2}\sum_{j=1}^{n} \frac{1}{2-\eta h_j}
 #   \;\approx\; \frac{n\,\eta\sigma^2}{4}\quad(\text{every } \eta h_j \ll 2).$$
-#
+
+# %% [markdown] tags=["notes"]
 # Each direction contributes about $\eta\sigma^2/4$, whatever its curvature: a flat direction wanders
 # further ($\propto 1/h_j$) but costs less per unit of distance ($\propto h_j$). The valley has $n = 2$, which
 # is where $\eta\sigma^2/2$ comes from; this notebook's finite sum has $n = 144$.
 #
 # The small-step form needs $\eta h_j \ll 2$ in every direction, and here it does not hold: at
 # $\eta = 0.01$ the stiff direction has $\eta h_{\max} = 0.52$, so its term is $1/(2 - 0.52) = 0.68$ instead
-# of $0.5$ and the floor is about 18 % above $\eta\sigma^2/2$ (at $\eta = 0.02$, $\eta h_{\max} = 1.03$: 53 %
+# of $0.5$ and the linearised floor is about 18 % above $\eta\sigma^2/2$ (at $\eta = 0.02$, $\eta h_{\max} = 1.03$: 53 %
 # above). What holds for every $\eta h_{\max} < 2$ is the sum itself, the *linearised* prediction in the
 # table below; the simple form keeps the scaling ($\propto \eta\sigma^2$, up to that factor). We measure the
 # plateau (mean of $F$ over the last half of 4000 steps, started at the minimum) for three $\eta$
@@ -246,7 +257,8 @@ plt.show()
 # So with plain SGD there are only two ways down: **smaller steps** (slower progress everywhere) or
 # **less noise** (bigger batches, i.e. more gradient evaluations per step). Variance reduction is a
 # third: build a gradient estimate whose error shrinks *without* shrinking $\eta$ or growing $B$.
-#
+
+# %% [markdown]
 # ## 4. The finite sum: the batch size sets how far behind SGD is
 #
 # On the network problem the noise is the minibatch sampling. SGD with a fixed $\eta = 0.2$ and
@@ -338,7 +350,8 @@ claims.check({
 #
 # Notebook 02 places this course in the family of variance-reduction methods and builds the STORM
 # estimator, which lowers the error of the gradient estimate itself.
-#
+
+# %% [markdown] tags=["slide"]
 # ## Questions
 #
 # Answers at the end of the notebook.
@@ -347,7 +360,8 @@ claims.check({
 #    valley's noise floor?
 # 2. With SGD, name two ways to halve the floor on the valley and what each costs.
 # 3. Why does the floor per direction, $\approx \eta\sigma^2/4$, not depend on the curvature $h_j$?
-#
+
+# %% [markdown]
 # ## Exercises
 #
 # Write each function in its cell, run the cell, then run the `check` cell under it: it tells you
@@ -373,8 +387,9 @@ check("01.1", sgd_noise_floor)
 # %% [markdown]
 # **Exercise 01.2 · Without replacement.** If a minibatch of $B$ *distinct* indices is drawn, the noise is
 # $\frac{N-B}{N-1}\cdot\frac{\operatorname{tr}\Sigma}{B}$. Write `noise_without_replacement(problem, x, B)`
-# returning this for a `toys.TwoLayerRegression`, and check it by sampling (`torch.randperm`). The check also
-# asks for $N = 128$, $B = 32$: about $10^{30}$ subsets, so enumerating them is not an answer.
+# returning this for a `toys.TwoLayerRegression` (its number of samples $N$ is `problem.n`), and check it by
+# sampling (`torch.randperm`). The check also asks for $N = 128$, $B = 32$: about $10^{30}$ subsets, so
+# enumerating them is not an answer.
 
 # %%
 def noise_without_replacement(problem, x, B):

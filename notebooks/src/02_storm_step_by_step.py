@@ -9,12 +9,16 @@
 # measured against steps and against gradient evaluations; why *approximate* STORM is SGD; and what
 # approximate MARS is: **a momentum recursion whose every step adds $\gamma\beta_1(g_t - g_{t-1})$**, checked
 # to machine precision.
-#
+
+# %% [markdown] tags=["notes"]
 # **You need.** Notebook 01 (the toys, the noise floor); exponential moving averages; big-O notation.
 #
 # **Class time.** 35 minutes in lecture 1 (§0–§4; the family table of §0 in 10 of them). The code
 # runs in about 15 s on a laptop CPU.
 # Notation: the [shared table](README.md#notation).
+
+# %% [markdown] tags=["slide"]
+# ### The STORM recursion
 #
 # Notebook 01 showed SGD stalling at a noise floor set by the variance of $g_t$. STORM
 # (Cutkosky & Orabona, 2019) replaces $g_t$ by a **recursive estimate** $d_t$ of $\nabla F(x_t)$:
@@ -49,9 +53,7 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 # ## 0. The family: SVRG → SARAH/SPIDER → STORM → MARS
 #
 # Every method below replaces $g_t$ by an estimate $d_t$ of $\nabla F(x_t)$ whose error shrinks instead of
-# staying at the minibatch noise; they differ in what they pay for it. The rates are the number of
-# stochastic gradient evaluations that guarantee a point with $\mathbb{E}\|\nabla F(x)\| \le \epsilon$ on a
-# smooth **nonconvex** $F$ (the worst case over a class of problems, constants and logarithms dropped).
+# staying at the minibatch noise; they differ in what they pay for it.
 #
 # | method | estimate $d_t$ of $\nabla F(x_t)$ | gradient evaluations |
 # |---|---|---|
@@ -61,6 +63,13 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 # | STORM | $g_t + (1-a)\,(d_{t-1} - \nabla f(x_{t-1}, \xi_t))$ | 2 per step, nothing else |
 # | MARS, exact | STORM's correction $\times\gamma$, clipped, in a preconditioned momentum | 2 per step |
 # | MARS, approx | the same with $g_{t-1}$ in place of $\nabla f(x_{t-1}, \xi_t)$ | 1 per step |
+
+# %% [markdown] tags=["slide"]
+# ### The rates and what they assume
+#
+# The number of stochastic gradient evaluations that guarantee a point with
+# $\mathbb{E}\|\nabla F(x)\| \le \epsilon$ on a smooth **nonconvex** $F$ (the worst case over a class of
+# problems, constants and logarithms dropped):
 #
 # | method | evaluations to $\mathbb{E}\|\nabla F\| \le \epsilon$ | assumes |
 # |---|---|---|
@@ -70,7 +79,8 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 # | STORM (Cutkosky & Orabona) | $\tilde O(\epsilon^{-3})$ | each $f(\cdot, \xi)$ smooth a.s.², bounded gradients |
 # | MARS, exact (Yuan et al.) | STORM-type in the paper's analysis | the same, a preconditioner in a fixed range |
 # | MARS, approx (what is run) | no guarantee beyond momentum's | |
-#
+
+# %% [markdown] tags=["notes"]
 # $\tilde O$ is $O$ with logarithmic factors dropped as well; *a.s.* (almost surely) means for every sample
 # $\xi$ outside a set of probability zero. $\nu^2$ bounds the whole noise vector's squared norm; the valley's
 # $\sigma$ (notebook 01) is per coordinate, so there $\nu^2 = n\sigma^2$.
@@ -82,11 +92,17 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 # SVRG's first analysis (Johnson & Zhang) was for strongly convex finite sums, where it converges
 # linearly; the nonconvex rate in the table is later work. For MARS, read the paper's theorem for the
 # exact conditions (step sizes, the schedule of $\beta_1$, the eigenvalue range of the preconditioner).
+
+# %% [markdown] tags=["slide"]
+# ### Mean-squared smoothness
 #
 # *Mean-squared smoothness* is the assumption that separates the two rates:
 # $\mathbb{E}_\xi\|\nabla f(x, \xi) - \nabla f(y, \xi)\|^2 \le \ell^2\|x - y\|^2$, i.e. one *sample*'s gradient
 # changes smoothly. It is what makes $\nabla f(x_t, \xi) - \nabla f(x_{t-1}, \xi)$ small when the step is small,
-# and every method from SARAH on subtracts exactly that difference. With it, $O(\epsilon^{-3})$ is the best
+# and every method from SARAH on subtracts exactly that difference.
+
+# %% [markdown] tags=["notes"]
+# With it, $O(\epsilon^{-3})$ is the best
 # any method can do, and with only $F$ smooth, SGD's $O(\epsilon^{-4})$ is (Arjevani et al., 2019): the
 # gap between the two rows is what variance reduction can buy, and only when the same sample can be
 # evaluated at two points.
@@ -100,7 +116,7 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 # A rate is also a worst case over a class: it says nothing about one problem at one step size, which
 # is what the measurements in this notebook and in 03b are about.
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 1. Why the recursion reduces the error
 #
 # Write the minibatch noise as a function of the point, $\zeta_t(x) = \nabla f(x, \xi_t) - \nabla F(x)$,
@@ -109,23 +125,27 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 #
 # $$e_t = (1-a)\,e_{t-1} \;+\; \underbrace{a\,\zeta_t(x_t)}_{\text{new noise, scaled by } a}
 #   \;+\; (1-a)\underbrace{\big(\zeta_t(x_t) - \zeta_t(x_{t-1})\big)}_{\text{small if } x_t \approx x_{t-1}}.$$
-#
+
+# %% [markdown] tags=["notes"]
 # Old error decays by $(1-a)$ per step, fresh noise enters only with weight $a$, so in a steady state
 # $\mathbb{E}\|e\|^2 \approx \frac{a}{2-a}\operatorname{tr}\Sigma/B$ plus a drift term that grows with the
 # step length $\|x_t - x_{t-1}\|$ (that term is where mean-squared smoothness enters). **Momentum**
 # $m_t = (1-a) m_{t-1} + a g_t$ averages the noise the same way but also averages *stale gradients*: its
 # error carries the lag $(1-a)(\nabla F(x_{t-1}) - \nabla F(x_t))$ at every step, which STORM's correction
 # term cancels.
+
+# %% [markdown] tags=["slide"]
+# ### Approx STORM at full strength is SGD
 #
 # **Approx STORM** is different. With $g_{\text{prev}} = g_{t-1}$ the recursion reads
 # $d_t - g_t = (1-a)(d_{t-1} - g_{t-1})$: the gap to the raw gradient only *decays*. Started as
 # usual from $d_0 = g_{\text{prev}} = 0$, $d_1 = g_1$ and then $d_t = g_t$ for every $t$: **approx
 # STORM at full strength is exactly SGD.** (This is why MARS's approx mode uses a small $\gamma$.)
-#
+
+# %% [markdown] tags=["slide"]
 # ## 2. The loop, by hand
 #
-# All seeds are rows of one tensor `x` of shape `(seeds, 144)`; every method sees the same
-# minibatches $\xi_1, \xi_2, \dots$ (common random numbers). This is the loop `toys.run` runs; here it
+# This is the loop `toys.run` runs; here it
 # is written out once, for exact STORM, with MARS's momentum at $\gamma = 1$ computed alongside
 # from the same gradients:
 #
@@ -133,6 +153,11 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps, eta
 #   m_t = \beta_1 m_{t-1} + (1-\beta_1)\,c_t .$$
 #
 # Expanding, $m_t = g_t + \beta_1(m_{t-1} - g_{\text{prev}})$ at $\gamma = 1$: STORM with $1 - a = \beta_1$.
+
+# %% [markdown] tags=["notes"]
+# All seeds are rows of one tensor `x` of shape `(seeds, 144)`; every method sees the same
+# minibatches $\xi_1, \xi_2, \dots$ (common random numbers). The cell checks that $m_t$ and $d_t$ agree to
+# rounding at every step.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -154,7 +179,7 @@ print(f"exact STORM vs MARS momentum (gamma = 1, no clipping), 100 steps x {SEED
 print(f"  max |m_t - d_t| / max |d_t| = {'below 1e-14' if worst < 1e-14 else f'{worst:.1e}'}")
 assert worst < 1e-14  # float64: equal up to rounding
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 3. The measured error, against steps and against gradient evaluations
 #
 # Five estimators, all with the same $\eta = 0.05$ and minibatch size $B = 8$ (except one), the same
@@ -202,7 +227,7 @@ fig.suptitle(f"Error of the gradient estimate, mean of {SEEDS} seeds")
 style.save(fig, "02_estimator_error")
 plt.show()
 
-# %%
+# %% tags=["slide"]
 fig, ax = style.figure()
 for name, r in runs.items():
     draw(ax, name, steps * evals[name], r.grad_sq.mean(1))
@@ -256,7 +281,10 @@ assert progress["exact STORM"] < 1.1 * others           # not more than 10 % beh
 #   \;+\; \gamma\beta_1\,(g_t - g_{\text{prev}}).$$
 #
 # So **each step of approximate MARS's momentum is a plain momentum step plus $\gamma\beta_1$ times the last
-# change of the minibatch gradient**, $g_t - g_{t-1}$, before clipping and the preconditioner. At the paper's
+# change of the minibatch gradient**, $g_t - g_{t-1}$, before clipping and the preconditioner.
+
+# %% [markdown] tags=["notes"]
+# At the paper's
 # $\gamma = 0.025$, $\beta_1 = 0.95$ the added term is $0.02375\,(g_t - g_{t-1})$ per step. Read it as a
 # recursion: $m_{t-1}$ here is MARS's own momentum, so the added terms accumulate. It is *not* "plain
 # momentum's $m_t$ plus $\gamma\beta_1(g_t - g_{t-1})$": unrolled, with $m^{\text{mom}}$ plain momentum on the
@@ -292,9 +320,14 @@ for name, gap in gaps.items():
 assert max(gaps.values()) / scale < 1e-14
 
 # %% [markdown] tags=["slide"]
+# ### The two ends, and the $\gamma$ sweep
+#
 # Read the rewritten form at both ends. With $\gamma = 0$ it is plain momentum. With $\gamma = 1$ it is
 # $m_t = g_t + \beta_1(m_{t-1} - g_{\text{prev}})$, STORM (section 2); in approx mode that is SGD again
-# (section 1). In between, `toys.run(..., "mars-exact" / "mars-approx", gamma=γ)` (no clipping here)
+# (section 1).
+
+# %% [markdown] tags=["notes"]
+# In between, `toys.run(..., "mars-exact" / "mars-approx", gamma=γ)` (no clipping here)
 # shows how the error moves. In **approx** mode, $g_t - g_{t-1}$ contains two *independent* noise draws,
 # so the correction adds noise: the noise of $c_t$ is $(1+k)^2 + k^2$ times that of $g_t$ (2.4× at
 # $\gamma = 0.025$). In **exact** mode the two draws share the minibatch and the noise cancels to first order.
@@ -321,7 +354,7 @@ ax.axhline(err["momentum"], **style.line("momentum", label="momentum (= MARS, ga
 ax.set_xticks(xs, ["0"] + [f"{g:g}" for g in GAMMAS[1:]])
 ax.set(xlabel=r"$\gamma$ (0 plotted at the left edge)",
        ylabel=r"$\mathbb{E}\,\|m_t - \nabla F(x_t)\|^2$, last 100 steps",
-       title=rf"Error of MARS momentum against $\gamma$ ($\beta_1$ = {BETA:g}, no clipping)")
+       title=rf"Error of MARS momentum against $\gamma$ ($\beta_1$ = {BETA:g}, no clipping, mean of {SEEDS} seeds)")
 ax.legend()
 style.save(fig, "02_gamma_sweep")
 plt.show()
@@ -348,7 +381,8 @@ assert gap_storm < 1e-9 and gap_sgd < 1e-9
 # raw gradient again. The paper's approx MARS lives at the left end: a mild correction, not STORM.
 # (Measured on one small problem at one step size; the balance depends on how fast $\nabla F$ changes
 # between steps, i.e. on the lag the correction removes.)
-#
+
+# %% [markdown]
 # ## Summary
 #
 # * The family: SVRG and SARAH/SPIDER need snapshots or large batches; STORM gets the same
@@ -365,7 +399,8 @@ assert gap_storm < 1e-9 and gap_sgd < 1e-9
 #   `mars_ref.MARS`); with $\gamma = 1$ and no clipping MARS's momentum is STORM with $1-a = \beta_1$
 #   (checked to $10^{-14}$). Notebook 03 looks at the size of the scale $\gamma\beta_1/(1-\beta_1)$ and at
 #   why MARS clips $c_t$; notebook 03b at where the variance reduction pays.
-#
+
+# %% [markdown] tags=["slide"]
 # ## Questions
 #
 # Answers at the end of the notebook.
@@ -375,7 +410,8 @@ assert gap_storm < 1e-9 and gap_sgd < 1e-9
 # 2. Why is approx STORM at full strength ($\gamma = 1$) exactly SGD, and why is that not true of exact STORM?
 # 3. Which assumption separates the $O(\epsilon^{-3})$ rows of the rate table from SGD's $O(\epsilon^{-4})$, and
 #    what does it require of the way gradients are computed?
-#
+
+# %% [markdown]
 # ## Exercises
 #
 # Write each function in its cell, run it, then run the `check` cell under it. Reference solutions:
