@@ -1,6 +1,9 @@
 """The exercises of notebook 02b: each reference solution passes its check, plausible mistakes (off by a constant,
 a forgotten term, the wrong statistic) and unfinished stubs do not."""
 
+import itertools
+import time
+
 import pytest
 import torch
 from helpers import load_solution
@@ -57,6 +60,37 @@ def test_stubs_are_not_answered_yet(exercise, capsys):
     assert not right and "not answered yet" in verdict
     exercises.check(exercise, _stub)
     assert "not answered yet" in capsys.readouterr().out
+
+
+def _svrg_variance_by_enumeration(X, Y, alpha, batch):
+    """02b.1 without the idea: the average over every ordered minibatch, listed one by one (N^B of them)."""
+    n, full = len(X), X.mean(0)
+    total = 0.0
+    for idx in itertools.product(range(n), repeat=batch):
+        v = X[list(idx)].mean(0) - alpha * (Y[list(idx)].mean(0) - Y.mean(0))
+        total += (v - full).square().sum().item()
+    return total / n**batch
+
+
+def test_an_enumeration_of_the_minibatches_runs_out_of_time():
+    """The check also asks for sizes (N = 64, B = 8 and larger: 1e14 minibatches and more) that no enumeration
+    finishes; the reference solution, a closed form, answers them at once."""
+    X, Y = exercises._svrg_cases()[0]
+    assert abs(_svrg_variance_by_enumeration(X, Y, 0.5, 2) - nb02b.svrg_variance(X, Y, 0.5, 2)) < 1e-12
+    right, verdict = exercises.verify("02b.1", _svrg_variance_by_enumeration, seconds=3)
+    assert not right and "did not finish within 3 s" in verdict, verdict
+    start = time.perf_counter()
+    right, verdict = exercises.verify("02b.1", nb02b.svrg_variance, seconds=3)
+    assert right and "where no enumeration finishes" in verdict and time.perf_counter() - start < 3, verdict
+
+
+def test_the_large_cases_agree_with_an_enumeration_where_one_is_possible():
+    """The check's count moments (used where no enumeration finishes) equal the enumeration on small cases."""
+    for X, Y in exercises._svrg_cases():
+        for alpha in (0.0, 0.7, 1.4):
+            for batch in (1, 2, 4):
+                listed = exercises._svrg_variance_enumerated(X, Y, alpha, batch)
+                assert abs(exercises._svrg_variance_by_counts(X, Y, alpha, batch) - listed) <= 1e-12 * listed
 
 
 def test_the_solutions_agree_with_a_toy_run():

@@ -142,6 +142,18 @@ REJECTED = {  # named wrong answers that look right: (exercise, answer, a word t
     "04.1, copying the matrix iteration with einsum": (
         "04.1", lambda M, steps: _ns_by_the_matrix_iteration(M, steps, lambda X, Y: torch.einsum("ij,jk->ik", X, Y)),
         "multiplies matrices"),
+    "04.1, copying the matrix iteration with a broadcast product": (
+        "04.1", lambda M, steps: _ns_by_the_matrix_iteration(M, steps, lambda X, Y: (X[:, :, None] * Y[None]).sum(1)),
+        "a matrix product written with broadcasting"),
+    "04.1, copying the matrix iteration with expanded operands": (
+        "04.1", lambda M, steps: _ns_by_the_matrix_iteration(
+            M, steps, lambda X, Y: (X.unsqueeze(2).expand(-1, -1, Y.shape[1])
+                                    * Y.unsqueeze(0).expand(X.shape[0], -1, -1)).sum(1)),
+        "a matrix product written with broadcasting"),
+    "04.1, copying the matrix iteration with a broadcast product through torch.mul": (
+        "04.1", lambda M, steps: _ns_by_the_matrix_iteration(
+            M, steps, lambda X, Y: torch.mul(X.unsqueeze(-1), Y.unsqueeze(0)).sum(dim=-2)),
+        "aten.mul of shapes (40, 40, 1) and (1, 40, 40), broadcast against each other"),
     "04.1, singular values from the eigenvalues of M^T M": (
         "04.1", lambda M, steps: SOLUTIONS["nb04"].ns_singular_values(
             torch.linalg.eigvalsh(M.T @ M).clamp(min=0).sqrt().diag(), steps), "multiplies matrices"),
@@ -179,6 +191,32 @@ def test_named_wrong_answers_are_rejected(case):
     exercise, answer, word = REJECTED[case]
     right, verdict = exercises.verify(exercise, answer)
     assert not right and "not right yet" in verdict and word in verdict, verdict
+
+
+def _ns_polynomial_by_broadcasting(M, steps):
+    """04.1 right, with broadcasting on vectors only: p(s) = q1 s + q3 s^3 + q5 s^5 as (q * s[:, None] ** [1, 3, 5])
+    summed over the powers, and the normalisation as a scalar times a matrix."""
+    q = torch.tensor(mars_ref.pieces.NS_COEFFICIENTS, dtype=torch.float64)
+    powers = torch.tensor([1, 3, 5], dtype=torch.float64)
+    M = M.double()
+    s = torch.linalg.svdvals(M * (1 / (torch.linalg.norm(M) + 1e-7)))
+    for _ in range(steps):
+        s = (q * s[:, None] ** powers).sum(1)
+    return s.sort(descending=True).values
+
+
+def test_broadcasting_on_vectors_is_not_taken_for_a_matrix_product():
+    """The broadcast-product guard of 04.1 notices a product spread over three dimensions, not a vector broadcast
+    against a matrix or a scalar times a matrix."""
+    right, verdict = exercises.verify("04.1", _ns_polynomial_by_broadcasting)
+    assert right, verdict
+    A, B, v = torch.ones(3, 4), torch.ones(4, 5), torch.ones(4)
+    assert exercises._broadcast_product(A[:, :, None], B[None])
+    assert exercises._broadcast_product(A.unsqueeze(2).expand(3, 4, 5), B.unsqueeze(0).expand(3, 4, 5))
+    assert not exercises._broadcast_product(A, v)                      # columns scaled by a vector
+    assert not exercises._broadcast_product(A, torch.tensor(2.0))      # a scalar times a matrix
+    assert not exercises._broadcast_product(v[:, None], v[None, :])    # an outer product of two vectors
+    assert not exercises._broadcast_product(A, A)                      # elementwise, no broadcasting
 
 
 @pytest.mark.parametrize(("exercise", "answer"), [("01.2", _enumerate_subsets), ("02.1", _storm_error_by_the_loop)])

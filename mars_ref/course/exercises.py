@@ -15,7 +15,8 @@ away. Where an exercise asks for an idea (a closed form, a formula instead of an
 computation without the library function it explains), the check also uses inputs on which the
 shortcut fails: a size at which a loop or an enumeration cannot finish in time, a matrix on which the
 library function is inaccurate, or a guard that notices a call to the function being explained (or to the
-torch operators it is made of, such as the matrix products of an iteration the exercise does on scalars).
+torch operators it is made of, such as the matrix products of an iteration the exercise does on scalars, also
+when written out with broadcasting).
 
 The answer is called on copies of the check's inputs (an answer that changes its input in place
 cannot break the check), within a time limit (a minute, less where the point is to avoid a loop), and
@@ -113,7 +114,9 @@ class _Answer:
 
 def _recording_ops(forbidden: frozenset[str], seen: set[str]):
     """A context in which every call of a torch operator named in ``forbidden`` (however it is reached: ``@``,
-    ``torch.matmul``, ``einsum``, ``tensordot``, a library function) is added to ``seen``; the call still runs."""
+    ``torch.matmul``, ``einsum``, ``tensordot``, a library function) is added to ``seen``; the call still runs.
+    With :data:`_BROADCAST_PRODUCT` in ``forbidden``, so is every elementwise product that multiplies a matrix
+    product out by broadcasting (:func:`_broadcast_product`), described with its operands' shapes."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Recorder(TorchDispatchMode):
@@ -121,14 +124,48 @@ def _recording_ops(forbidden: frozenset[str], seen: set[str]):
             name = str(func.overloadpacket)
             if name in forbidden:
                 seen.add(name)
+            elif _BROADCAST_PRODUCT in forbidden and name in _ELEMENTWISE_PRODUCTS:
+                a, b = args[1:3] if name.startswith("aten.addcmul") else args[:2]
+                if _broadcast_product(a, b):
+                    shapes = [tuple(1 if stride == 0 else size for size, stride in zip(t.shape, t.stride(),
+                                                                                         strict=True)) for t in (a, b)]
+                    seen.add(f"{name} of shapes {shapes[0]} and {shapes[1]}, broadcast against each other: "
+                             f"{_BROADCAST_PRODUCT}, as in (A[:, :, None] * B[None]).sum(1)")
             return func(*args, **(kwargs or {}))
 
     return Recorder()
 
 
+def _broadcast_product(a, b) -> bool:
+    """Whether the elementwise product of tensors ``a`` and ``b`` spreads out a matrix product by broadcasting, as
+    ``(A[:, :, None] * B[None]).sum(1)`` does: the result has a dimension along which only ``a`` varies, one along
+    which only ``b`` varies, and one along which both vary (the one a sum then contracts). A dimension in which a
+    tensor has size 1, or stride 0 (``expand``), or which it lacks, is one along which it does not vary. A scalar
+    times a tensor, a vector scaling the columns of a matrix, or an outer product of two vectors is not such a
+    product."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.layout != torch.strided \
+            or b.layout != torch.strided:
+        return False
+    try:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        return False
+
+    def varies(t: torch.Tensor) -> list[bool]:
+        pad = len(shape) - t.dim()
+        return [d >= pad and t.shape[d - pad] > 1 and t.stride(d - pad) != 0 for d in range(len(shape))]
+
+    pairs = list(zip(varies(a), varies(b), strict=True))
+    return (any(x and not y for x, y in pairs) and any(y and not x for x, y in pairs)
+            and any(x and y for x, y in pairs))
+
+
 # the operators a matrix product reaches, whichever function or operator the answer writes it with
 _MATRIX_PRODUCTS = frozenset(f"aten.{op}" for op in (
     "mm", "bmm", "addmm", "addbmm", "baddbmm", "mv", "addmv", "dot", "vdot", "matmul", "_addmm_activation"))
+# a matrix product written out with broadcasting: an elementwise product of mutually broadcast operands, then a sum
+_BROADCAST_PRODUCT = "a matrix product written with broadcasting"
+_ELEMENTWISE_PRODUCTS = frozenset({"aten.mul", "aten.mul_", "aten.addcmul", "aten.addcmul_"})
 
 
 def _number(value, what: str) -> float:
@@ -346,7 +383,8 @@ def _ns_singular_values(answer) -> str:
     from .. import pieces
 
     answer.forbidden = {"newton_schulz": pieces.newton_schulz}  # the function the exercise explains
-    answer.forbidden_ops = _MATRIX_PRODUCTS  # and the matrix products its iteration is made of
+    answer.forbidden_ops = _MATRIX_PRODUCTS | {_BROADCAST_PRODUCT}  # and the matrix products its iteration is made
+    # of, with an operator or written out with broadcasting
     for shape in ((40, 40), (64, 24), (24, 64)):
         gen = torch.Generator().manual_seed(shape[0])
         M = torch.randn(*shape, generator=gen, dtype=torch.float64) @ torch.diag(
@@ -358,14 +396,14 @@ def _ns_singular_values(answer) -> str:
                 raise Wrong("your function calls newton_schulz, the iteration this exercise asks you to do without: "
                             "apply the scalar polynomial p(s) to the normalised singular values of M instead.")
             if answer.ops_called:
-                raise Wrong(f"your function multiplies matrices ({', '.join(sorted(answer.ops_called))}), which this "
+                raise Wrong(f"your function multiplies matrices ({'; '.join(sorted(answer.ops_called))}), which this "
                             "exercise asks you to do without: apply the scalar polynomial p(s) to the normalised "
                             "singular values of M (a vector) instead of iterating on the matrix.")
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-9, atol=1e-12):
                 raise Wrong(f"shape {shape}, {steps} steps: expected singular values starting "
                             f"{expected[:3].tolist()}, got {got[:3].tolist()}.")
     return ("Equal to the singular values of newton_schulz(M, steps) in float64 (3 shapes x 1, 3, 5 steps), without "
-            "calling it or multiplying matrices.")
+            "calling it or multiplying matrices (with an operator or by broadcasting).")
 
 
 def _damped_one_step_shampoo(answer) -> str:
@@ -581,11 +619,12 @@ def check(exercise: str, answer) -> None:
 # ---------------------------------------------------------------------------------------------- notebook 02b
 
 
-def _svrg_cases():
-    """Per-sample gradients ``X`` (at x) and ``Y`` (at the snapshot): correlated, with non-zero means."""
-    gen = torch.Generator().manual_seed(11)
+def _svrg_cases(sizes=((4, 3, 0.9), (5, 2, 0.3), (3, 4, -0.5)), seed=11):
+    """Per-sample gradients ``X`` (at x) and ``Y`` (at the snapshot): correlated, with non-zero means; ``sizes``
+    lists (N, dim, correlation)."""
+    gen = torch.Generator().manual_seed(seed)
     cases = []
-    for n, dim, rho in ((4, 3, 0.9), (5, 2, 0.3), (3, 4, -0.5)):
+    for n, dim, rho in sizes:
         X = torch.randn(n, dim, generator=gen, dtype=torch.float64) + torch.randn(dim, generator=gen,
                                                                                    dtype=torch.float64)
         Y = rho * X + (1 - rho**2) ** 0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64) + 0.5
@@ -605,6 +644,19 @@ def _svrg_variance_enumerated(X: torch.Tensor, Y: torch.Tensor, alpha: float, ba
     return total / n**batch
 
 
+def _svrg_variance_by_counts(X: torch.Tensor, Y: torch.Tensor, alpha: float, batch: int) -> float:
+    """``E‖v − ∇F(x)‖²`` from the moments of how often each index is drawn, no minibatch listed: ``batch`` draws
+    with replacement give counts ``n ~ Multinomial(batch, 1/N)``, ``E[n] = batch/N``, ``E[n_i n_j] = batch/N [i = j]
+    + batch(batch − 1)/N²``, and ``v = (1/batch) Σ_i n_i a_i + α Ȳ`` with the uncentred ``a_i = X_i − α Y_i``."""
+    n = X.shape[0]
+    a = X - alpha * Y
+    gram = a @ a.T
+    mean_sq = (batch / n * gram.trace() + batch * (batch - 1) / n**2 * gram.sum()) / batch**2  # E‖Σ n_i a_i / B‖²
+    mean = a.mean(0)  # E[Σ n_i a_i / B]
+    target = X.mean(0) - alpha * Y.mean(0)  # v − ∇F(x) = Σ n_i a_i / B − target
+    return (mean_sq - 2 * mean @ target + target @ target).item()
+
+
 def _svrg_variance(answer) -> str:
     for X, Y in _svrg_cases():
         for alpha in (0.0, 0.5, 1.0, 1.4):
@@ -612,8 +664,18 @@ def _svrg_variance(answer) -> str:
                 expected = _svrg_variance_enumerated(X, Y, alpha, batch)
                 _close(answer(X.clone(), Y.clone(), alpha, batch), expected, 1e-9,
                        f"N = {X.shape[0]}, dim = {X.shape[1]}, alpha = {alpha:g}, batch = {batch}")
-    return ("Equals the average over every minibatch drawn with replacement (all N^B of them), for 3 data sets, "
-            "4 values of alpha and B = 1, 2, 3.")
+    # Sizes at which no enumeration finishes: N^B ordered minibatches (and still ~1e10 or more unordered multisets),
+    # B > N included, as drawing with replacement allows; the expected value from the draw counts' moments.
+    for (X, Y), batch in zip(_svrg_cases(((64, 5, 0.8), (200, 3, 0.5), (12, 4, -0.3)), seed=12), (8, 30, 40),
+                             strict=True):
+        for alpha in (0.3, 1.0):
+            n = X.shape[0]
+            _close(answer(X.clone(), Y.clone(), alpha, batch), _svrg_variance_by_counts(X, Y, alpha, batch), 1e-9,
+                   f"N = {n}, dim = {X.shape[1]}, alpha = {alpha:g}, batch = {batch} ({n}^{batch} = "
+                   f"{float(n) ** batch:.1e} minibatches: too many to list)")
+    return ("Equals the average over every minibatch drawn with replacement: all N^B of them listed for 3 data sets, "
+            "4 values of alpha and B = 1, 2, 3; and, from the moments of the draw counts, at N = 64, 200, 12 with "
+            "B = 8, 30, 40, where no enumeration finishes.")
 
 
 def _optimal_alpha(answer) -> str:
@@ -627,5 +689,5 @@ def _optimal_alpha(answer) -> str:
     return "Is the vertex of the enumerated variance V(alpha) (a parabola through alpha = 0, 1, 2), for 3 data sets."
 
 
-EXERCISES["02b.1"] = Exercise("svrg_variance", _svrg_variance)
+EXERCISES["02b.1"] = Exercise("svrg_variance", _svrg_variance, seconds=20.0)
 EXERCISES["02b.2"] = Exercise("optimal_alpha", _optimal_alpha)

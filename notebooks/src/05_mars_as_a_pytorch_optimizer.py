@@ -523,7 +523,8 @@ for name, color in (("approx", style.VERMILION), ("exact", style.GREEN)):
     ax.semilogy(range(2 + window // 2, 2 + window // 2 + len(smooth)), smooth, color=color, lw=3,
                 ls="-" if name == "approx" else "--", label=rf"{name}: $g_{{\rm prev}}$ = {g_prev}")
 ax.set(xlabel="step", ylabel=r"$r = 0.475\,\|g_t - g_{\rm prev}\| / \|g_t\|$",
-       title="Size of the MARS correction relative to the gradient (thin: every step; thick: running median of 25)")
+       title=f"Size of the MARS correction relative to the gradient: one run (MARS approx, seed {SEEDS[0]}), both "
+             "corrections\nalong it (thin: every step; thick: running median of 25)")
 ax.legend()
 style.save(fig, "05_correction_size")
 plt.show()
@@ -659,8 +660,8 @@ check("05.2", paired_difference)
 # 3. MARS gamma=0 shares everything with MARS approx but the correction: code path, learning rate, betas
 #    $(0.95, 0.99)$, per-tensor clip, schedule, initialisation and batches. So the paired difference is the
 #    effect of the correction alone. Against AdamW, the difference also carries other betas $(0.9, 0.95)$,
-#    no clipping and a separately tuned learning rate. Here it was −0.000, −0.012, −0.005 per seed (mean
-#    −0.006), within the seed spread (standard deviation up to 0.007); and exact MARS ended 0.001 from
+#    no clipping and a separately tuned learning rate. Here it is −0.000, −0.012, −0.005 per seed (mean
+#    −0.006), within the seed spread (standard deviation up to 0.007); and exact MARS ends 0.001 from
 #    $\gamma = 0$, since its correction is about 1 % of the gradient (step 5).
 # 4. The half-width is $t_{0.975,\,n-1}\,s/\sqrt{n}$. With $n = 3$ the spread $s$ is estimated from only two
 #    degrees of freedom, so Student's quantile is 4.30 (1.96 if $s$ were known), and $\sqrt{3}$ divides little:
@@ -673,6 +674,8 @@ check("05.2", paired_difference)
 # ## References
 #
 # * H. Yuan et al., *MARS: Make vAriance Reduction Shine*, [arXiv 2411.10438](https://arxiv.org/abs/2411.10438).
+# * Y. Liu, A. Yuan, Q. Gu, *MARS-M: When Variance Reduction Meets Matrices*,
+#   [arXiv 2510.21800](https://arxiv.org/abs/2510.21800) (the run MARS-M).
 # * I. Loshchilov, F. Hutter, AdamW, [arXiv 1711.05101](https://arxiv.org/abs/1711.05101); X. Chen et al.,
 #   Lion, [arXiv 2302.06675](https://arxiv.org/abs/2302.06675); K. Jordan et al., Muon (2024),
 #   [blog post](https://kellerjordan.github.io/posts/muon/).

@@ -11,7 +11,7 @@
 # **You need.** Notebooks 02–05; a transformer language model at the level of nanoGPT.
 #
 # **Class time.** In the lab: 20 minutes (run it at CPU scale, read the variance probe); the paper's table
-# and the text sample are reading (10 minutes). The code runs in about a minute on a laptop CPU.
+# and the text sample are reading (10 minutes). The code runs in about 40 s on a laptop CPU.
 # Notation: the [shared table](README.md#notation).
 #
 # The paper's headline experiment trains GPT-2 on OpenWebText with AdamW and with MARS and
@@ -30,7 +30,7 @@
 # 4. a text sample from the trained MARS model;
 # 5. the paper's table beside our numbers, with the difference in scale stated plainly.
 #
-# **Scale.** By default (`SCALE = "cpu"`) everything runs on a laptop CPU in about a minute:
+# **Scale.** By default (`SCALE = "cpu"`) everything runs on a laptop CPU in about 40 s:
 # character-level Shakespeare, a 0.1M-parameter GPT, 300 steps of 16 × 64 characters per
 # optimizer. That is about 10⁻⁵ of the paper's tokens and 10⁻³ of its parameters: this notebook
 # teaches how the experiment is run and measured, it does not reproduce the paper's numbers.
@@ -65,7 +65,7 @@ from mars_ref.gpt.model import GPT
 from mars_ref.gpt.train import TrainConfig, load_model, make_optimizer, model_config, read_metrics, resolve, train
 
 # ═════════════════════════════ THE ONE SETTING OF THIS NOTEBOOK ═════════════════════════════
-# "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~1 min.
+# "cpu"        : character-level Shakespeare, 0.1M-parameter GPT, 300 steps per optimizer, ~40 s.
 # "gpu-lab"    : one GPU: --preset gpu-lab (6 × 384, GPT-2 tokens, 1,500 steps of 16 × 256) for AdamW,
 #                MARS-AdamW, exact MARS and MARS gamma=0 (the control). ~0.5–1 min per run on an A100, 5–10 min
 #                on a T4, exact MARS twice that: ~2.5–5 min for the 4 runs on an A100, ~25–50 min on a T4
@@ -335,14 +335,15 @@ if SCALE == "cpu":
 # * $m_t$: the optimizer's momentum after this step's update, bias-corrected.
 #
 # $\nabla F$ itself is estimated by $\hat\nabla F$, the mean gradient over 8 fixed held-out training
-# batches (few, to keep the notebook fast). The probe logs the mean squared error per coordinate
-# $\mathrm{MSE}(e) = \lVert e - \hat\nabla F\rVert^2/n$ and the scale-free $1 - \cos(e, \hat\nabla F)$
-# (clipping changes the scale of $c_t$; the cosine does not care), and two reference levels:
+# batches (few, to keep the notebook fast). For each estimate $\hat g$ (one of $g_t$, $c_t$, $m_t$) the probe
+# logs the mean squared error per coordinate $\mathrm{MSE}(\hat g) = \lVert \hat g - \hat\nabla F\rVert^2/n$ and
+# the scale-free $1 - \cos(\hat g, \hat\nabla F)$ (clipping changes the scale of $c_t$; the cosine does not
+# care), and two reference levels:
 #
 # * the **noise floor** `heldout_noise`: the variance of $\hat\nabla F$ itself (one held-out
 #   batch's gradient variance, from their spread, divided by 8). Every MSE includes it; subtract it
 #   to get the error to the true $\nabla F$.
-# * the **zero vector**: guessing $e = 0$ has $\mathrm{MSE} = \lVert\hat\nabla F\rVert^2/n$
+# * the **zero vector**: guessing $\hat g = 0$ has $\mathrm{MSE} = \lVert\hat\nabla F\rVert^2/n$
 #   (`full_grad_sq`). An estimate at that level carries no information about $\nabla F$ in the
 #   MSE sense, however small its MSE looks.
 
@@ -360,7 +361,8 @@ FLOOR = dict(color=style.GREY, ls="-.", lw=1.5)
 
 
 def variance_panels(key_of, ylabel, title, name_of_file, references):
-    """One panel per run: each estimate's `key_of(estimate)` against the step, plus reference lines."""
+    """One panel per run: each estimate's `key_of(estimate)` against the step, plus reference lines; a panel in
+    which c_t and g_t coincide (the gamma = 0 control, whose c_t is g_t, clipped) says that g_t is hidden."""
     fig, axes = style.figure(1, len(VAR_RUNS), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], VAR_RUNS, strict=True):
         p = probes(name)
@@ -369,7 +371,8 @@ def variance_panels(key_of, ylabel, title, name_of_file, references):
             if f"mse_{key}" in p[0]:
                 ax.plot(steps, [r[key_of(key)] for r in p], ms=5, label=label, **look)
         references(ax, steps, p)
-        ax.set(title=name, xlabel="step")
+        hidden = "mse_c" in p[0] and all(math.isclose(r[key_of("c")], r[key_of("g")], rel_tol=1e-9) for r in p)
+        ax.set(title=f"{name}\n($c_t = g_t$: $g_t$ hidden under $c_t$)" if hidden else name, xlabel="step")
     axes[0, 0].set_ylabel(ylabel)
     handles, labels = axes[0, -1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=5)
@@ -400,6 +403,9 @@ else:
                     "06_variance_cosine", cosine_references)
 
 # %% [markdown]
+# In the $\gamma = 0$ panels $g_t$'s dotted line is hidden under $c_t$'s dashed one, as their titles say: the
+# control's $c_t$ is $g_t$ clipped to norm 1 per tensor, and at the probed steps no tensor of $g_t$ is longer than
+# that, so $c_t = g_t$.
 # Three things are visible, and none of them is "MARS's estimate is closer to $\nabla F$ than the
 # minibatch gradient":
 #
@@ -454,8 +460,10 @@ plt.show()
 
 # %%
 print(f"k = gamma * beta1 / (1 - beta1) = {k:.3f}; predicted MSE(c)/MSE(g) for approx MARS: {predicted:.2f}")
-print("medians over the probes (floor: the held-out estimate's noise, subtracted in the MSE ratios)")
-print(f"{'run':>17} | MSE(c)/MSE(g) | MSE(m)/MSE(g), 2nd half | MSE(m)/zero vector | 1-cos(g) | 1-cos(m)")
+print("medians over all probes, or over their second half where a column says '2nd half' (floor: the held-out "
+      "estimate's noise, subtracted in the MSE ratios)")
+print(f"{'run':>17} | MSE(c)/MSE(g) | MSE(m)/MSE(g), 2nd half | MSE(m)/zero vector | 1-cos(g) | 1-cos(m), all | "
+      "1-cos(m), 2nd half")
 late_m, rel_m, cos_g, cos_m, g_vs_zero, late_cos_m = {}, {}, {}, {}, {}, {}
 for name in VAR_RUNS + [n for n in RUNS if n not in VAR_RUNS and probes(n)]:
     p = probes(name)
@@ -467,7 +475,7 @@ for name in VAR_RUNS + [n for n in RUNS if n not in VAR_RUNS and probes(n)]:
     late_cos_m[name] = statistics.median(r["cos_err_m"] for r in p[len(p) // 2:])
     g_vs_zero[name] = statistics.median(r["mse_g"] / r["full_grad_sq"] for r in p if r["step"] > 100)
     print(f"{name:>17} | {c_ratio} | {late_m[name]:23.2f} | {rel_m[name]:18.2f} | {cos_g[name]:8.2f} | "
-          f"{cos_m[name]:8.2f}")
+          f"{cos_m[name]:13.2f} | {late_cos_m[name]:18.2f}")
 if "MARS gamma=0" in late_m:  # the control: the same optimizer, beta1 and recipe, without the correction
     print(f"MARS-AdamW vs its gamma = 0 control, second half: MSE(m)/MSE(g) {late_m['MARS-AdamW']:.2f} vs "
           f"{late_m['MARS gamma=0']:.2f}, 1-cos(m) {late_cos_m['MARS-AdamW']:.2f} vs {late_cos_m['MARS gamma=0']:.2f}")
@@ -511,10 +519,13 @@ if SCALE == "cpu":
 # the same optimizer, the same $\beta_1 = 0.95$, the same recipe, without the correction. AdamW is no
 # control for it: its $\beta_1 = 0.9$ averages over half as many steps, and its learning rate differs. Against
 # the control, MARS-AdamW's momentum is not measurably closer to $\nabla F$: both momenta sit at the zero
-# vector's MSE, and their late cosines are close (the first line under the table). The ratio to $\mathrm{MSE}(g_t)$
-# differs between the two runs, but with both momenta no better than guessing 0 that ratio measures the
-# runs' gradients, not an estimate; and each run is one seed. The `gpu-lab` tier trains the control too; at
-# `gpt2-small` scale it is not among the runs (a fourth run of days), so there this comparison cannot be made.
+# vector's MSE, and their late cosines (medians over the second half of the probes: the table's last column, and
+# the line under the table that starts `MARS-AdamW vs its gamma = 0 control`) are close. The column `1-cos(m), all`
+# takes the median over all probes, the warm-up included, and gives both runs 0.86. The ratio to
+# $\mathrm{MSE}(g_t)$ differs between the two runs, but with both momenta no better than guessing 0 that ratio
+# measures the runs' gradients, not an estimate; and each run is one seed. The `gpu-lab` tier trains the control
+# too; at `gpt2-small` scale it is not among the runs (a fourth run of days), so there this comparison cannot be
+# made.
 #
 # So at this scale **the variance reduction of MARS does not show**. That is not a contradiction of
 # the paper, whose gain is a few hundredths of a nat after billions of tokens, but it is an honest
@@ -584,8 +595,8 @@ print(f"ours: {scale}, {summaries['AdamW']['n_params']:,} parameters, {tokens:,}
 # * **Loss units.** Nats per *character* vs nats per *BPE token*: different numbers for different
 #   questions. Even the best character model would not land near 2.5–3.2.
 # * **The gain.** In the paper MARS-AdamW beats AdamW by 0.036–0.14 nats at every size and
-#   budget, consistently, and exact and approximate MARS are within 0.002 of each other (checked on
-#   the table below). Ours (MARS-AdamW − AdamW, one seed, 300 steps, each with its CPU recipe's
+#   budget, consistently, and exact and approximate MARS are within 0.002 of each other (the table
+#   above; checked in the cell below). Ours (MARS-AdamW − AdamW, one seed, 300 steps, each with its CPU recipe's
 #   learning rate) is a few hundredths either way: at this size that is noise as much as a result.
 #   `benchmarks/reproduce.py` makes the comparison with a tuned grid and 3 seeds (see the README), and
 #   the study in the appendix of
@@ -681,12 +692,13 @@ check("06.2", momentum_lag)
 # %% [markdown]
 # ## Answers to the questions
 #
-# 1. The MSE depends on the estimate's size: pulling a noisy estimate towards 0 lowers $\lVert e - \nabla F\rVert^2$
-#    whenever its noise outweighs its signal, and here it does (after step 100, $\mathrm{MSE}(g_t)$ is at least
-#    0.8× the zero vector's). Clipping each tensor of $c_t$ to norm 1 shrinks it; averaging some 20 gradients that
-#    point different ways shrinks $m_t$. So the notebook also reads the zero vector's MSE, which every momentum
-#    matches (0.94–1.01 of it: no information about $\nabla F$ in the MSE sense), and the scale-free
-#    $1 - \cos(e, \hat\nabla F)$: 0.76–0.89 for the momenta against 0.36–0.58 for $g_t$. The momentum is small,
+# 1. The MSE depends on the estimate's size: pulling a noisy estimate $\hat g$ towards 0 lowers
+#    $\lVert \hat g - \nabla F\rVert^2$ whenever its noise outweighs its signal, and here it does (after step 100,
+#    $\mathrm{MSE}(g_t)$ is at least 0.8× the zero vector's). Clipping each tensor of $c_t$ to norm 1 shrinks it;
+#    averaging some 20 gradients that point different ways shrinks $m_t$. So the notebook also reads the zero
+#    vector's MSE, which every momentum matches (0.94–1.01 of it: no information about $\nabla F$ in the MSE
+#    sense), and the scale-free $1 - \cos(\hat g, \hat\nabla F)$: 0.76–0.89 for the momenta against 0.36–0.58 for
+#    $g_t$ (medians over all probes: the table's columns `1-cos(m), all` and `1-cos(g)`). The momentum is small,
 #    not pointing the right way.
 # 2. The control is MARS-AdamW without the term $k(g_t - g_{t-1})$: the same code (per-tensor clip, 1-D fallback),
 #    $\beta_1 = 0.95$, $\beta_2$, learning rates, weight decay, schedule, data and seed. A difference between the
