@@ -8,12 +8,16 @@
 # up; how clipping $c_t$, per tensor (the authors) or by the global norm (Levanter, a JAX library for
 # training language models, in its MARS), breaks the loop, and
 # what it costs when the correction is mostly noise; and `mars_ref.MARS` under its three clip modes.
-#
+
+# %% [markdown] tags=["notes"]
 # **You need.** Notebook 02 (STORM, exact and approx; MARS's momentum); vector norms.
 #
-# **Class time.** 20 minutes in lecture 2 (§1–§3); §4 is reading (10 minutes). The code runs in about 20 s
+# **Class time.** 20 minutes in lecture 2 (§1–§3); §4 is reading (10 minutes). The code runs in about 15 s
 # on a laptop CPU.
 # Notation: the [shared table](README.md#notation).
+
+# %% [markdown] tags=["slide"]
+# ## The correction, scaled and clipped
 #
 # Notebook 02 showed that MARS's corrected momentum with $\gamma = 1$ is STORM. MARS writes the
 # correction as a separate, scaled and **clipped** vector:
@@ -21,7 +25,8 @@
 # $$c_t = g_t + \gamma\,\frac{\beta_1}{1-\beta_1}\,(g_t - g_{\text{prev}}), \qquad
 #   c_t \leftarrow c_t\,\min\!\Big(1, \frac{\tau}{\|c_t\|}\Big), \qquad
 #   m_t = \beta_1 m_{t-1} + (1-\beta_1)\,c_t .$$
-#
+
+# %% [markdown] tags=["notes"]
 # This notebook measures three things on the toys of notebook 01 (`mars_ref.course.toys`), always through
 # the library's own pieces (`storm_correction`, `clip_by_norm`, `clip_by_global_norm`) and optimizer:
 #
@@ -59,8 +64,10 @@ print(f"{'full' if FULL else 'default'} size: {SEEDS} seeds x {STEPS} steps")
 # $\beta_1/(1-\beta_1)$ is what turns the momentum average back into STORM (notebook 02): momentum
 # gives $c_t$ the weight $1-\beta_1$, so the correction must be $\beta_1/(1-\beta_1)$ times larger to
 # contribute $\beta_1(g_t - g_{\text{prev}})$ to $m_t$. With $\beta_1 = 0.95$ it is **19**: the default
-# $\gamma = 0.025$ gives $k = 0.475$, and $\gamma = 1$ gives $k = 19$. We read $k$ off `storm_correction`
-# itself ($g_t = 1$, $g_{\text{prev}} = 0$ gives $c_t = 1 + k$).
+# $\gamma = 0.025$ gives $k = 0.475$, and $\gamma = 1$ gives $k = 19$.
+
+# %% [markdown] tags=["notes"]
+# We read $k$ off `storm_correction` itself ($g_t = 1$, $g_{\text{prev}} = 0$ gives $c_t = 1 + k$).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -80,21 +87,23 @@ assert abs(storm_correction(one, zero, 1.0, 0.95).item() - 20) < 1e-12  # k = 19
 #   \approx H_{\xi_t}\,(x_t - x_{t-1})$, the curvature times the last step. With no clipping,
 #   $x_t - x_{t-1} = -\eta\, m_{t-1}$, so a large $m$ makes a long step, a long step makes a large
 #   correction, and the correction enters the next $m$ with weight $(1-\beta_1)k = \gamma\beta_1$:
-#   **a loop with gain $\approx \gamma\beta_1\,\eta\,\|H_\xi\|$**. Large $\gamma$, large $\eta$ or a sharp minibatch
-#   make it large. Read "gain above about 1 explodes" as a *heuristic*: it takes norms and ignores the sign.
-#   The correction is $-k\eta H_\xi m_{t-1}$, so a positive semi-definite $H_\xi$ pushes *against* the momentum
-#   and damps it; in an eigendirection of curvature $h$ the momentum's factor per step is roughly
-#   $\beta_1(1 - \gamma\eta h)$, which exceeds 1 in size (with alternating sign) only once
-#   $\gamma\eta h > (1+\beta_1)/\beta_1 \approx 2$. Minibatch Hessians of the tanh network are indefinite, and the
-#   negative-curvature directions grow with either sign; the measurement below, not the heuristic, is what
-#   says when runs diverge.
+#   **a loop with gain $\approx \gamma\beta_1\,\eta\,\|H_\xi\|$** (a heuristic).
 # * **approx**: $g_t - g_{t-1}$ contains two independent noise draws, so the correction is mostly
 #   noise, of size $\approx k\sqrt{2\operatorname{tr}\Sigma/B}$, however small the step.
+
+# %% [markdown] tags=["notes"]
+# In exact mode, a large $\gamma$, a large $\eta$ or a sharp minibatch make the gain large. Read "gain above
+# about 1 explodes" as a *heuristic*: it takes norms and ignores the sign. The correction is
+# $-k\eta H_\xi m_{t-1}$, so a positive semi-definite $H_\xi$ pushes *against* the momentum and damps it; in an
+# eigendirection of curvature $h$ the momentum's factor per step is roughly $\beta_1(1 - \gamma\eta h)$, which
+# exceeds 1 in size (with alternating sign) only once $\gamma\eta h > (1+\beta_1)/\beta_1 \approx 2$. Minibatch
+# Hessians of the tanh network are indefinite, and the negative-curvature directions grow with either sign;
+# the measurement below, not the heuristic, is what says when runs diverge.
 #
 # We run MARS momentum on the finite sum (SGD-style step $x_{t+1} = x_t - \eta m_t$, no preconditioner,
 # no clipping) and record $\|c_t - g_t\|$ for every seed and step.
 
-# %%
+# %% tags=["slide"]
 corr_runs = {}
 for eta in (0.1, 0.2, 0.4):
     corr_runs["exact", 1.0, eta] = toys.run(problem, "mars-exact", lr=eta, steps=STEPS, seeds=SEEDS, seed=3,
@@ -154,7 +163,7 @@ claims.check({
         medians["exact", 1.0, 0.4][:100].max() > 100 * medians["exact", 1.0, 0.4][:20].min(),
 })
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # Exact mode with $\gamma = 1$ (STORM) is stable at $\eta = 0.1$, and at $\eta = 0.4$ a large part of the seeds blow
 # up: the median correction grows by more than two orders of magnitude within a hundred steps, and the runs that
 # explode leave the median one by one (the curve "exact, $\gamma$ = 1, $\eta$ = 0.4" falls again once only the seeds
@@ -163,18 +172,21 @@ claims.check({
 # fall below the approx one at $\gamma = 0.3$ ($k = 5.7$) and keep falling as the steps shorten, while the approx
 # corrections stay at their noise level (noise times $k$): large, but they do not feed on themselves, since the noise
 # of step $t$ does not depend on the length of step $t-1$.
-#
+
+# %% [markdown] tags=["slide"]
 # ## 3. Clipping breaks the loop
 #
-# Clipping bounds $\|c_t\|$ by $\tau$ (here $\tau = 1$, the authors' value), hence $\|m_t\| \le \tau$ and
-# every step $\|x_{t+1} - x_t\| \le \eta\tau$ (global) or $\le \eta\tau\sqrt{J}$ (per tensor, $J$ tensors):
-# the loop cannot run away. The two rules, for the $J$ tensors $c^{(1)}, \dots, c^{(J)}$ of one model
-# (`mars_ref.pieces`):
+# Clipping caps the corrected gradient at a norm $\tau$ (here $\tau = 1$, the authors' value). The two rules,
+# for the $J$ tensors $c^{(1)}, \dots, c^{(J)}$ of one model (`mars_ref.pieces`):
 #
 # $$\text{per tensor: } c^{(i)} \leftarrow c^{(i)} \min\!\Big(1, \frac{\tau}{\|c^{(i)}\|}\Big)
-#   \qquad\qquad
+#   \qquad
 #   \text{global: } c^{(i)} \leftarrow c^{(i)} \min\!\Big(1, \frac{\tau}{\sqrt{\sum_j \|c^{(j)}\|^2}}\Big).$$
 #
+# The momentum $m_t$ averages the clipped $c_s$, so either rule bounds every step $x_{t+1} - x_t = -\eta m_t$,
+# whatever the curvature: the loop cannot run away. How long a clipped step can be is exercise 03.1.
+
+# %% [markdown] tags=["notes"]
 # Global clipping keeps the direction of the whole update; per-tensor clipping equalises tensors (here
 # $W_1$ with 128 entries and $w_2$ with 16). `toys.run(..., clip="tensor"/"global")` applies them per
 # seed over `problem.split(x) = (W1, w2)`. We compare the final loss $F(x_{201})$ over seeds.
@@ -277,7 +289,8 @@ claims.check({
 # draws), so clipping to $\tau = 1$ mostly shrinks noise, and with it the step: the median final loss is
 # higher *with* clipping. Clipping protects against the loop; it does not turn a
 # noisy correction into a good one. That is one reason the authors' approx MARS uses a small $\gamma$.
-#
+
+# %% [markdown]
 # ## 4. `mars_ref.MARS` itself: AdamW preconditioner, three clip modes
 #
 # The real optimizer divides by $\sqrt{\hat v_t}$, so the *size* of $c_t$ cancels out of the update
@@ -366,7 +379,8 @@ assert max(medians) / min(medians) < 1.5                       # and the clip mo
 #   times $k$; clipping then mostly shrinks the step.
 # * `mars_ref.MARS` with the AdamW preconditioner normalises the update, so here the clip mode barely
 #   changed the outcome; the clip remains what bounds one step's correction.
-#
+
+# %% [markdown] tags=["slide"]
 # ## Questions
 #
 # Answers at the end of the notebook.
@@ -376,17 +390,20 @@ assert max(medians) / min(medians) < 1.5                       # and the clip mo
 #    $\gamma = 1$ in the first 20 steps, and no seed diverges; exact mode at $\gamma = 1$ diverges at $\eta = 0.4$.
 #    Why is a large exact correction dangerous and a large approx one not?
 # 3. When does clipping $c_t$ cost progress, and when is it free?
-#
+
+# %% [markdown]
 # ## Exercises
 #
 # Write each function in its cell, run it, then run the `check` cell under it. Reference solutions:
 # `notebooks/solutions/nb03.py`.
 #
 # **Exercise 03.1 · How long can a clipped step be?** For an SGD-style step $x_{t+1} = x_t - \eta m_t$ with
-# $c_t$ clipped at $\tau$, show $\|x_{t+1} - x_t\| \le \eta\tau\sqrt{J}$ per tensor ($J$ tensors) and
-# $\le \eta\tau$ global. Write `max_step_norm(lr, tau, n_tensors, clip)` (raise `ValueError` for
-# `clip="none"`, which has no bound); the check runs `toys.run(..., keep_path=True)` and measures the steps,
-# and it asks for the *least* bound: one that holds but could be lowered is not accepted.
+# $c_t$ clipped at $\tau$, find the least upper bound on $\|x_{t+1} - x_t\|$ under per-tensor clipping ($J$
+# tensors) and under global clipping, and prove that it holds (hint: what is $m_t$ a weighted average of, and
+# how long can each of those vectors be under each rule?). Write `max_step_norm(lr, tau, n_tensors, clip)`
+# (raise `ValueError` for `clip="none"`, which has no bound); the check runs `toys.run(..., keep_path=True)`
+# and measures the steps, and it asks for the *least* bound: one that holds but could be lowered is not
+# accepted.
 
 # %%
 def max_step_norm(lr, tau, n_tensors, clip):

@@ -9,17 +9,20 @@
 # $$x_{t+1} = x_t - \eta\,\big(\lambda x_t + u_t\big), \qquad u_t = \mathcal{P}(m_t),$$
 #
 # and the paper's three optimizers differ only in $\mathcal{P}$: AdamW's per-coordinate scale, Lion's
-# sign, and "Shampoo", which we climb down as a ladder of three rungs: full Shampoo (accumulated
-# Kronecker factors, inverse fourth roots) → one-step Shampoo (exactly $UV^\top$, by SVD) →
-# Newton–Schulz (five matrix products, what the authors run, in bfloat16). Last, with $\gamma = 0$ and
-# `clip="none"` MARS *is* its base optimizer, to machine precision: everything MARS adds is the correction
-# and its clip. (With the default per-tensor clip, $\gamma = 0$ gives the base optimizer on clipped gradients.)
+# sign, and "Shampoo".
+
+# %% [markdown] tags=["notes"]
+# We climb "Shampoo" down as a ladder of three rungs: full Shampoo (accumulated Kronecker factors, inverse
+# fourth roots) → one-step Shampoo (exactly $UV^\top$, by SVD) → Newton–Schulz (five matrix products, what the
+# authors run, in bfloat16). Last, with $\gamma = 0$ and `clip="none"` MARS *is* its base optimizer, to machine
+# precision: everything MARS adds is the correction and its clip. (With the default per-tensor clip,
+# $\gamma = 0$ gives the base optimizer on clipped gradients.)
 #
 # **You need.** Notebooks 02–03 (what $m_t$ is); the singular value decomposition; eigenvalues of
 # symmetric matrices. Adam/AdamW at the level of its update equations.
 #
 # **Class time.** 25 minutes in lecture 2 (§1 AdamW's diagonal in 5, §2 in 3, §3 the Shampoo ladder in 12,
-# §4 in 5). The code runs in under 10 s on a laptop CPU. Notation: the
+# §4 in 5). The code runs in about 5 s on a laptop CPU. Notation: the
 # [shared table](README.md#notation). Where the published implementations differ in small details
 # (where AdamW's `eps` goes) and how the three implementations of the step in `mars_ref` agree is in
 # the appendix notebook `07_appendix_porting.ipynb`: porting matters, not part of this lesson.
@@ -57,7 +60,7 @@ def rel_dist(A, B, match_scale=False):
     return ((A - B).norm() / B.norm()).item()
 
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ## 1. AdamW's diagonal
 #
 # MARS-AdamW keeps a second moment of the *clipped, corrected* gradient $c_t$ and divides every
@@ -67,11 +70,16 @@ def rel_dist(A, B, match_scale=False):
 #   u_t = \frac{m_t}{\Big(\dfrac{\sqrt{v_t}}{\sqrt{1-\beta_2^t}} + \texttt{eps}\Big)(1-\beta_1^t)}
 #   \qquad(\texttt{eps} = 10^{-8}).$$
 #
-# Two consequences, checked below with the library's `momentum`, `second_moment` and `adamw_direction`:
+# Two consequences:
 #
-# * **The step does not depend on the gradient's scale** (as long as it is far above `eps`): multiply
-#   every gradient by 1000 and $m_t$ and $\sqrt{v_t}$ both grow 1000×, so $u_t$ does not change.
-# * **The first step is a sign step.** With $m_1 = (1-\beta_1)c_1$ and $v_1 = (1-\beta_2)c_1^2$,
+# * **The step does not depend on the gradient's scale** (as long as it is far above `eps`).
+# * **The first step is a sign step:** $u_1 = c_1/(|c_1| + \texttt{eps})$.
+
+# %% [markdown] tags=["notes"]
+# Both are checked below with the library's `momentum`, `second_moment` and `adamw_direction`:
+#
+# * multiply every gradient by 1000 and $m_t$ and $\sqrt{v_t}$ both grow 1000×, so $u_t$ does not change;
+# * with $m_1 = (1-\beta_1)c_1$ and $v_1 = (1-\beta_2)c_1^2$ the bias corrections cancel, so
 #   $u_1 = c_1/(|c_1| + \texttt{eps})$: every coordinate moves by $\eta$, in the direction of its sign.
 
 # %%
@@ -102,7 +110,7 @@ claims.check({
     "u_1 = sign(c_1) up to eps / |c_1| in every coordinate": bool((sign_gap <= EPS / stream[0].abs() + 1e-15).all()),
 })
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # The only place the scale still enters is `eps`: for coordinates whose gradients are not far above
 # $10^{-8}$ the division damps the step. *Where* exactly `eps` is added differs between published
 # implementations, which matters for tiny gradients; appendix notebook 07 measures it.
@@ -116,15 +124,21 @@ claims.check({
 #
 # Every coordinate moves by exactly $\pm\eta$, so $\|u_t\|_F = \sqrt{n}$ whatever the gradient's
 # size (and Adam's first step, section 1, is this sign up to `eps`).
+
+# %% [markdown] tags=["slide"]
+# ### Lion's own constants
+#
 # **Lion itself** (Chen et al., 2023) is not quite this: it has two constants of its own, which its paper
 # calls $\beta_1, \beta_2$ and we write $b_1, b_2$ (they are not MARS's momentum and second-moment constants):
 #
 # $$u_t = \operatorname{sign}\big(b_1 m_{t-1} + (1-b_1) g_t\big), \qquad
 #   m_t = b_2 m_{t-1} + (1-b_2) g_t ,$$
 #
-# i.e. the sign of a *different* interpolation than the average it stores. With $b_1 = b_2$ the two
-# coincide, and Lion is MARS-Lion at $\gamma = 0$ with $\beta_1 = b_1$, which section 4 checks. A small
-# demonstration of how often the two disagree in sign with Lion's default $(b_1, b_2) = (0.9, 0.99)$:
+# i.e. the sign of a *different* interpolation than the average it stores.
+
+# %% [markdown] tags=["notes"]
+# With $b_1 = b_2$ the two coincide, and Lion is MARS-Lion at $\gamma = 0$ with $\beta_1 = b_1$, which section 4
+# checks. A small demonstration of how often the two disagree in sign with Lion's default $(b_1, b_2) = (0.9, 0.99)$:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -149,6 +163,7 @@ assert 0.05 < late < 0.5
 # ## 3. The Shampoo ladder
 #
 # ### Rung 1: full Shampoo
+#
 # For a matrix parameter with gradients $G_s$ (rows × cols), Shampoo (Gupta et al.,
 # 2018) accumulates two Kronecker factors and preconditions on both sides:
 #
@@ -158,8 +173,10 @@ assert 0.05 < late < 0.5
 # with inverse fourth roots by eigendecomposition, $L = Q\Lambda Q^\top \Rightarrow
 # L^{-1/4} = Q\Lambda^{-1/4}Q^\top$ (`inverse_root`, `shampoo_factors`, `shampoo_direction`).
 # That is two `eigh`, of a rows × rows and a cols × cols matrix, per step: expensive.
-#
+
+# %% [markdown] tags=["slide"]
 # ### Rung 2: one-step Shampoo is $UV^\top$
+#
 # Drop the accumulation: take $L = MM^\top$, $R = M^\top M$ from the one matrix $M = USV^\top$
 # (thin SVD, $S$ the diagonal of singular values $s_i$, invertible). Then $L = US^2U^\top$, $R = VS^2V^\top$, so
 # $L^{-1/4} = US^{-1/2}U^\top$ and $R^{-1/4} = VS^{-1/2}V^\top$ on the ranges, and
@@ -169,7 +186,10 @@ assert 0.05 < late < 0.5
 #   = U\,S^{-1/2}SS^{-1/2}\,V^\top = UV^\top .$$
 #
 # Every singular value is set to 1: the update is the orthogonal polar factor of $M$, the
-# nearest semi-orthogonal matrix to it. (The part of $\mathbb{R}^m$ outside $U$'s range, where
+# nearest semi-orthogonal matrix to it.
+
+# %% [markdown] tags=["notes"]
+# (The part of $\mathbb{R}^m$ outside $U$'s range, where
 # $L$ has zero eigenvalues, is never touched because $M$ has no component there.)
 # Numerically, in float64, for a square, a tall and a wide matrix:
 
@@ -186,8 +206,9 @@ for shape in [(48, 48), (96, 32), (32, 96)]:
     print(f"{str(shape):>9}: max |L^-1/4 M R^-1/4 - U V^T| < 1e-9: {gap < 1e-9}")
 assert worst < 1e-9
 
-# %% [markdown]
+# %% [markdown] tags=["slide"]
 # ### Rung 3: Newton–Schulz
+#
 # An SVD is still expensive on accelerators. Newton–Schulz reaches (approximately) $UV^\top$
 # with matrix products only. Normalise $X_0 = M/(\|M\|_F+\texttt{eps})$ so every singular value is
 # $\le 1$, then repeat five times
@@ -195,8 +216,10 @@ assert worst < 1e-9
 # $$X \leftarrow q_1 X + q_3\,(XX^\top)X + q_5\,(XX^\top)^2X,\qquad (q_1, q_3, q_5) = (3.4445,\,-4.7750,\,2.0315).$$
 #
 # Since $X = U S V^\top$ gives $XX^\top X = US^3V^\top$, each step applies the *same odd polynomial*
-# $p(s) = q_1 s + q_3 s^3 + q_5 s^5$ to every singular value, and leaves $U, V$ alone. The
-# coefficients are tuned to push small singular values up fast (slope $q_1 = 3.4445$ at 0), at the
+# $p(s) = q_1 s + q_3 s^3 + q_5 s^5$ to every singular value, and leaves $U, V$ alone.
+
+# %% [markdown] tags=["notes"]
+# The coefficients are tuned to push small singular values up fast (slope $q_1 = 3.4445$ at 0), at the
 # price of not converging: after five steps the singular values that made it sit in roughly
 # $[0.7, 1.2]$ instead of at 1. "Made it": near 0 each step multiplies by at most $q_1$, so five
 # steps lift a singular value by at most $q_1^5 \approx 490$; anything below $\sim 10^{-3}\|M\|_F$
@@ -286,8 +309,10 @@ assert min(late16) > 2 * max(late64)  # bfloat16 levels off higher still
 #   other small singular value (the dots above the lines at the left of the plot). On this
 #   ill-conditioned matrix the bfloat16 iteration levels off more than twice as far from $UV^\top$ as
 #   the float64 one; on well-conditioned matrices (next section) it moves the result by a few per cent.
-#
+
+# %% [markdown] tags=["slide"]
 # ### How far is each rung from the next?
+#
 # Three distances, each relative in Frobenius norm:
 #
 # * **full → one-step**: $L_T^{-1/4}M_TR_T^{-1/4}$ (factors accumulated over $T$ gradients) vs $UV^\top$ of
@@ -295,7 +320,8 @@ assert min(late16) > 2 * max(late64)  # bfloat16 levels off higher still
 #   rescale it to $\|UV^\top\|_F$ first and compare directions.
 # * **one-step → Newton–Schulz**: $UV^\top$ vs $\mathrm{NS}_5(M_T)$ in float64.
 # * **float64 → bfloat16**: $\mathrm{NS}_5$ in float64 vs in bfloat16.
-#
+
+# %% [markdown] tags=["notes"]
 # We use two sources of matrices. *Random*: i.i.d. Gaussian gradients, momentum
 # $M_t = \beta_1 M_{t-1} + (1-\beta_1)G_t$. *Real*: the gradients and the MARS momentum of the
 # three weight matrices of a small MLP trained for 30 steps by MARS-Shampoo on a
@@ -359,7 +385,7 @@ for _ in range(STEPS):
 real_ladders = {f"real {tuple(w.shape)[0]}x{tuple(w.shape)[1]}": ladder(grads[w], mom[w]) for w in weights}
 print(f"teacher-student loss: step 1 {losses[0]:.3f}, step {STEPS} {losses[-1]:.3f}")
 
-# %%
+# %% tags=["slide"]
 all_ladders = {**random_ladders, **real_ladders}
 fig, (ax0, ax1) = style.figure(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
 for i, (name, lad) in enumerate(all_ladders.items()):  # from T = 2: at T = 1 the distance is round-off (printed)
@@ -409,7 +435,7 @@ claims.check({
         table["real 64x64"][2] > max(row[2] for name, row in table.items() if name.startswith("random")),
 })
 
-# %% [markdown]
+# %% [markdown] tags=["notes"]
 # **Reading.**
 #
 # * With one gradient, full Shampoo *is* $UV^\top$: to round-off for the random matrices; for
@@ -432,7 +458,11 @@ claims.check({
 #
 # $\gamma = 0$ makes $c_t = g_t$; with clipping off (`clip="none"`) the rest of MARS is then
 # exactly the base optimizer. We check it in float64 on a small MLP, 25 steps each, with
-# weight decay on:
+# weight decay on: MARS-AdamW against AdamW, MARS-Lion against Lion ($b_1 = b_2$), MARS-Shampoo
+# against orthogonalised momentum.
+
+# %% [markdown] tags=["notes"]
+# The three comparisons in detail:
 #
 # * MARS-AdamW (`optimize_1d=True`, so biases take the same path) vs `torch.optim.AdamW`;
 # * MARS-Lion ($\beta_1 = 0.9$) vs `mars_ref.Lion` with $b_1 = b_2 = 0.9$;
@@ -530,7 +560,8 @@ claims.check({
 #   MARS-Shampoo is orthogonalised momentum, as in Muon.
 # * **$\gamma = 0$ with `clip="none"`** gives back AdamW, Lion ($b_1 = b_2$) and orthogonalised momentum to
 #   $10^{-12}$ in float64: everything MARS adds lives in the correction term and its clip.
-#
+
+# %% [markdown] tags=["slide"]
 # ## Questions
 #
 # Answers at the end of the notebook.
@@ -538,7 +569,8 @@ claims.check({
 # 1. Why is Adam's first step a sign step, whatever the gradient's size?
 # 2. One-step Shampoo is $UV^\top$. What does that make MARS-Shampoo, as the authors run it?
 # 3. MARS at $\gamma = 0$ with its default `clip="tensor"`: is it AdamW? When would the difference show?
-#
+
+# %% [markdown]
 # ## Exercises
 #
 # Write each function in its cell, run it, then run the `check` cell under it. Reference solutions:
