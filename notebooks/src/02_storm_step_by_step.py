@@ -18,7 +18,7 @@
 # Notation: the [shared table](README.md#notation).
 
 # %% [markdown] tags=["slide"]
-# ### The STORM recursion
+# ## The STORM recursion
 #
 # Notebook 01 showed SGD stalling at a noise floor set by the variance of $g_t$. STORM
 # (Cutkosky & Orabona, 2019) replaces $g_t$ by a **recursive estimate** $d_t$ of $\nabla F(x_t)$:
