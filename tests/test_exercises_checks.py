@@ -154,6 +154,14 @@ REJECTED = {  # named wrong answers that look right: (exercise, answer, a word t
         "04.1", lambda M, steps: _ns_by_the_matrix_iteration(
             M, steps, lambda X, Y: torch.mul(X.unsqueeze(-1), Y.unsqueeze(0)).sum(dim=-2)),
         "aten.mul of shapes (40, 40, 1) and (1, 40, 40), broadcast against each other"),
+    "04.1, copying the matrix iteration with a loop over rows (a vector scaling a matrix, summed)": (
+        "04.1", lambda M, steps: _ns_by_the_matrix_iteration(
+            M, steps, lambda X, Y: torch.stack([(row[:, None] * Y).sum(0) for row in X])),
+        "computed piece by piece"),
+    "04.1, copying the matrix iteration with conv1d": (
+        "04.1", lambda M, steps: _ns_by_the_matrix_iteration(
+            M, steps, lambda X, Y: torch.nn.functional.conv1d(X[None], Y.T[:, :, None])[0]),
+        "multiplies matrices"),
     "04.1, singular values from the eigenvalues of M^T M": (
         "04.1", lambda M, steps: SOLUTIONS["nb04"].ns_singular_values(
             torch.linalg.eigvalsh(M.T @ M).clamp(min=0).sqrt().diag(), steps), "multiplies matrices"),

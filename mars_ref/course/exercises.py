@@ -27,6 +27,7 @@ its check.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import decimal
@@ -77,13 +78,14 @@ class _Answer:
         self.called: set[str] = set()
         self.forbidden_ops: frozenset[str] = frozenset()  # torch operators ("aten.mm", ...) to notice
         self.ops_called: set[str] = set()
+        self.product_work = [0]  # elements produced by elementwise products of two non-scalar tensors
 
     def __call__(self, *args, **kwargs):
         args, kwargs = copy.deepcopy((args, kwargs))
         undo = self._guard()
         try:
             if self.forbidden_ops:
-                with _recording_ops(self.forbidden_ops, self.ops_called):
+                with _recording_ops(self.forbidden_ops, self.ops_called, self.product_work):
                     return self.fn(*args, **kwargs)
             return self.fn(*args, **kwargs)
         except (NotImplementedError, _TimeUp):
@@ -112,11 +114,13 @@ class _Answer:
         return undo
 
 
-def _recording_ops(forbidden: frozenset[str], seen: set[str]):
+def _recording_ops(forbidden: frozenset[str], seen: set[str], work: list[int]):
     """A context in which every call of a torch operator named in ``forbidden`` (however it is reached: ``@``,
     ``torch.matmul``, ``einsum``, ``tensordot``, a library function) is added to ``seen``; the call still runs.
     With :data:`_BROADCAST_PRODUCT` in ``forbidden``, so is every elementwise product that multiplies a matrix
-    product out by broadcasting (:func:`_broadcast_product`), described with its operands' shapes."""
+    product out by broadcasting (:func:`_broadcast_product`), described with its operands' shapes. ``work[0]``
+    adds up the elements of every elementwise product of two non-scalar tensors: a matrix product computed piece
+    by piece (a loop over rows, each a vector scaling a matrix) shows there as m·n·k elements."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Recorder(TorchDispatchMode):
@@ -124,9 +128,12 @@ def _recording_ops(forbidden: frozenset[str], seen: set[str]):
             name = str(func.overloadpacket)
             if name in forbidden:
                 seen.add(name)
-            elif _BROADCAST_PRODUCT in forbidden and name in _ELEMENTWISE_PRODUCTS:
+            elif name in _ELEMENTWISE_PRODUCTS:
                 a, b = args[1:3] if name.startswith("aten.addcmul") else args[:2]
-                if _broadcast_product(a, b):
+                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.numel() > 1 and b.numel() > 1:
+                    with contextlib.suppress(RuntimeError):
+                        work[0] += math.prod(torch.broadcast_shapes(a.shape, b.shape))
+                if _BROADCAST_PRODUCT in forbidden and _broadcast_product(a, b):
                     shapes = [tuple(1 if stride == 0 else size for size, stride in zip(t.shape, t.stride(),
                                                                                          strict=True)) for t in (a, b)]
                     seen.add(f"{name} of shapes {shapes[0]} and {shapes[1]}, broadcast against each other: "
@@ -162,7 +169,8 @@ def _broadcast_product(a, b) -> bool:
 
 # the operators a matrix product reaches, whichever function or operator the answer writes it with
 _MATRIX_PRODUCTS = frozenset(f"aten.{op}" for op in (
-    "mm", "bmm", "addmm", "addbmm", "baddbmm", "mv", "addmv", "dot", "vdot", "matmul", "_addmm_activation"))
+    "mm", "bmm", "addmm", "addbmm", "baddbmm", "mv", "addmv", "dot", "vdot", "matmul", "_addmm_activation",
+    "convolution", "_convolution"))
 # a matrix product written out with broadcasting: an elementwise product of mutually broadcast operands, then a sum
 _BROADCAST_PRODUCT = "a matrix product written with broadcasting"
 _ELEMENTWISE_PRODUCTS = frozenset({"aten.mul", "aten.mul_", "aten.addcmul", "aten.addcmul_"})
@@ -399,6 +407,14 @@ def _ns_singular_values(answer) -> str:
                 raise Wrong(f"your function multiplies matrices ({'; '.join(sorted(answer.ops_called))}), which this "
                             "exercise asks you to do without: apply the scalar polynomial p(s) to the normalised "
                             "singular values of M (a vector) instead of iterating on the matrix.")
+            limit = 64 * min(shape) * max(steps, 1)  # the polynomial on the singular values: a few vector products
+            if answer.product_work[0] > limit:
+                raise Wrong(f"shape {shape}, {steps} steps: your function's elementwise products of tensors make "
+                            f"{answer.product_work[0]:,} elements (the polynomial on the {min(shape)} singular values "
+                            f"needs a few hundred per step, at most {limit:,}): that is a matrix product computed "
+                            "piece by piece, e.g. a loop over rows. Apply the scalar polynomial p(s) to the normalised "
+                            "singular values of M (a vector) instead of iterating on the matrix.")
+            answer.product_work[0] = 0
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-9, atol=1e-12):
                 raise Wrong(f"shape {shape}, {steps} steps: expected singular values starting "
                             f"{expected[:3].tolist()}, got {got[:3].tolist()}.")
