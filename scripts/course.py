@@ -265,7 +265,7 @@ DECK = """<!DOCTYPE html>
 <link rel="stylesheet" href="reveal/reveal.css">
 <link rel="stylesheet" href="reveal/theme/white.css">
 <style>
-.reveal .slides section {{ font-size: 0.55em; text-align: left; height: 100%; overflow-y: auto; }}
+.reveal .slides section {{ font-size: 0.7em; text-align: left; height: 100%; overflow-y: auto; }}
 .reveal h1 {{ font-size: 1.9em; }} .reveal h2 {{ font-size: 1.5em; }} .reveal h3 {{ font-size: 1.2em; }}
 .reveal img.figure {{ display: block; margin: 0 auto; max-height: 560px; max-width: 100%; }}
 .reveal pre.output {{ font-size: 0.6em; box-shadow: none; }}
