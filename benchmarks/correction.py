@@ -267,9 +267,9 @@ class Correction:
                 if f is not None:
                     plan.runs.extend(Run("schedule", point, arm, f, s, WSD) for s in SCHEDULE_SEEDS)
         # 6. γ × lr at the middle point
-        for gamma in GAMMA_LR_GAMMAS:
-            arm = gamma_arm(gamma)
-            plan.runs.extend(Run("gamma-lr", mid, arm, f, s) for s in GAMMA_LR_SEEDS for f in GAMMA_LR_FACTORS)
+        for s in GAMMA_LR_SEEDS:  # seed by seed: every γ's whole curve on one seed before the next seed
+            plan.runs.extend(Run("gamma-lr", mid, gamma_arm(g), f, s)
+                             for g in GAMMA_LR_GAMMAS for f in GAMMA_LR_FACTORS)
         return plan
 
     # what study.run_study asks of a study -----------------------------------------------------------------
