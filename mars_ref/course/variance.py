@@ -233,3 +233,125 @@ def compare(estimate: list[Tensor], full: list[Tensor]) -> dict[str, float]:
     se, ff, ee, ef = _dot(diff, diff), _dot(full, full), _dot(estimate, estimate), _dot(estimate, full)
     cos = ef / math.sqrt(ee * ff) if ee > 0 and ff > 0 else 0.0
     return {"mse": se / n, "rel": se / ff if ff > 0 else math.inf, "cos_err": 1.0 - cos}
+
+
+# ---------------------------------------------------------------------- the control variate on the model
+
+CV_METHODS = ("exact STORM", "SVRG", "approx MARS")
+
+
+def token_batches(tokens, batch_size: int, block_size: int):
+    """A function ``draw(generator) -> (inputs, targets)``: ``batch_size`` random windows of ``block_size``
+    tokens from the 1-D ids ``tokens`` (a tensor, or a numpy array such as a ``train.bin`` memmap), targets
+    shifted by one, the offsets drawn from ``generator``."""
+    ids = torch.as_tensor(tokens[:].astype("int64")) if not isinstance(tokens, Tensor) else tokens.long()
+
+    def draw(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator)
+        x = torch.stack([ids[s:s + block_size] for s in starts.tolist()])
+        y = torch.stack([ids[s + 1:s + 1 + block_size] for s in starts.tolist()])
+        return x, y
+
+    return draw
+
+
+def _flat_gradient(model, params: list[Tensor], batch) -> Tensor:
+    """The loss gradient on ``batch`` at the model's current parameters, all tensors concatenated (float64)."""
+    with torch.enable_grad():
+        _, loss = model(*batch)
+        grads = torch.autograd.grad(loss, params)
+    return torch.cat([g.reshape(-1).double() for g in grads])
+
+
+def _gradients_at(model, params: list[Tensor], point: list[Tensor], batches) -> Tensor:
+    """``(len(batches), n)``: the per-batch gradients with the parameters set to ``point`` (restored after)."""
+    here = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, q in zip(params, point, strict=True):
+            p.copy_(q)
+    try:
+        return torch.stack([_flat_gradient(model, params, b) for b in batches])
+    finally:
+        with torch.no_grad():
+            for p, q in zip(params, here, strict=True):
+                p.copy_(q)
+
+
+def cv_statistics(X: Tensor, Y: Tensor, omega: float) -> dict[str, float]:
+    r"""Section 4 of notebook 02b on samples: the rows of ``X`` and ``Y`` are paired draws of two random vectors.
+
+    Traces of the covariances, with the sample means as the expectations (unbiased, ÷ (n − 1)):
+    ``var_x = E‖X − EX‖²``, ``var_y``, ``cov = E⟨X − EX, Y − EY⟩``; ``rho = cov / √(var_x var_y)``;
+    ``condition = 2ω cov / (ω² var_y)`` (> 1: the variance falls) and
+    ``factor = Var[X − ωY] / Var[X] = 1 − 2ω cov / var_x + ω² var_y / var_x``."""
+    n = X.shape[0]
+    zx, zy = X - X.mean(0), Y - Y.mean(0)
+    var_x = float((zx * zx).sum()) / (n - 1)
+    var_y = float((zy * zy).sum()) / (n - 1)
+    cov = float((zx * zy).sum()) / (n - 1)
+    return {"omega": omega, "var_x": var_x, "var_y": var_y, "cov": cov, "rho": cov / math.sqrt(var_x * var_y),
+            "condition": 2 * omega * cov / (omega**2 * var_y),
+            "factor": (var_x - 2 * omega * cov + omega**2 * var_y) / var_x}
+
+
+def control_variate_on_model(model, batches, *, lr: float, steps: int, probe_at, snapshot_lag: int = 20,
+                             n_batches: int = 16, optimizer: str = "adamw", beta1: float = 0.95,
+                             gamma: float = 0.025, warmup: int = 0, seed: int = 0) -> list[dict]:
+    r"""Notebook 02b §4's control-variate condition, measured along a training run of ``model``.
+
+    Trains ``model`` (in place) for ``steps`` steps with a plain loop (``optimizer``: ``"adamw"``,
+    ``torch.optim.AdamW(lr, betas=(0.9, 0.95))``, or ``"mars"``, approx ``MARS(lr, betas=(β1, 0.99), γ)``),
+    the learning rate ``lr · min(1, (t + 1) / warmup)`` at step ``t`` (constant with ``warmup = 0``),
+    one minibatch ``batches(generator)`` per step, keeping the parameters of the last ``snapshot_lag + 1``
+    steps. At each step ``t`` in ``probe_at`` (before step ``t``'s update; ``t ≥ snapshot_lag``), on
+    ``n_batches`` fresh minibatches ``ξ_1..ξ_n`` (the same for all three methods):
+
+    * ``X = ∇f(x_t, ξ_i)``;
+    * exact STORM: ``Y = ∇f(x_{t−1}, ξ_i)``, ``ω = β1``;
+    * SVRG: ``Y = ∇f(x̃, ξ_i)``, ``x̃ = x_{t−snapshot_lag}``, ``ω = 1``;
+    * approx MARS: ``Y = ∇f(x_{t−1}, ξ'_i)`` on ``n_batches`` *other* fresh minibatches, ``ω = k/(1+k)``,
+      ``k = γβ1/(1−β1)``.
+
+    Returns one dict per probe: ``step`` and, per method of ``CV_METHODS``, :func:`cv_statistics`
+    (``var_x``, ``cov``, ``var_y``, ``rho``, ``condition``, ``factor``). Deterministic given ``seed``
+    (one ``torch.Generator`` draws every batch; the model has no dropout in eval mode, which the probes use).
+    """
+    probe_at = sorted(set(int(t) for t in probe_at))
+    if probe_at and (probe_at[0] < max(snapshot_lag, 1) or probe_at[-1] >= steps):
+        raise ValueError(f"probe steps must lie in [{max(snapshot_lag, 1)}, {steps}), not {probe_at}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
+    elif optimizer == "mars":
+        from ..optimizer import MARS
+        opt = MARS(params, lr=lr, betas=(beta1, 0.99), gamma=gamma)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'mars', not {optimizer!r}")
+    k = gamma * beta1 / (1 - beta1)
+    omegas = {"exact STORM": beta1, "SVRG": 1.0, "approx MARS": k / (1 + k)}
+    generator = torch.Generator().manual_seed(seed)
+    history: list[list[Tensor]] = []  # x_{t−lag}, ..., x_{t−1}
+    out = []
+    model.train()
+    for t in range(steps):
+        if t in probe_at:
+            model.eval()
+            xi = [batches(generator) for _ in range(n_batches)]
+            other = [batches(generator) for _ in range(n_batches)]
+            current = [p.detach().clone() for p in params]
+            X = _gradients_at(model, params, current, xi)
+            Ys = {"exact STORM": _gradients_at(model, params, history[-1], xi),
+                  "SVRG": _gradients_at(model, params, history[-snapshot_lag], xi),
+                  "approx MARS": _gradients_at(model, params, history[-1], other)}
+            out.append({"step": t, **{m: cv_statistics(X, Ys[m], omegas[m]) for m in CV_METHODS}})
+            model.train()
+        history.append([p.detach().clone() for p in params])
+        del history[:-max(snapshot_lag, 1)]
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (t + 1) / warmup) if warmup > 0 else lr
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(*batches(generator))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return out

@@ -476,6 +476,7 @@ claims.check({
 # whose $\omega = 0.95$ cannot remove more than about $1 - (1-\omega)^2$ of it even at perfect correlation (the rest
 # its recursion averages out over time). Approx MARS's $Y$ is independent: its correction adds
 # $\omega^2 \approx 10\%$.
+# The same measurement on the small GPT: notebook 06, section *The control-variate condition on the GPT*.
 
 # %% [markdown]
 # ## 5. Why naive SVRG fails on deep networks: the snapshot goes stale
