@@ -258,9 +258,10 @@ def summarize(c: C.Correction, cache: dict) -> dict:
 def cost(records: dict, cache: dict) -> dict:
     """What the runs cost: the single-thread seconds of the runs this script made (its own cache), as measured, and
     how many planned runs it read from the study's cache instead."""
-    own = [rec for rec in records.values() if rec is not None and rec["key"] in cache]
+    done = {rec["key"]: rec for rec in records.values() if rec is not None}  # two parts may name one run
+    own = [rec for key, rec in done.items() if key in cache]
     stamps = sorted(rec["finished_at"] for rec in own if rec.get("finished_at"))
-    return {"own_runs": len(own), "shared_with_study": sum(rec is not None for rec in records.values()) - len(own),
+    return {"own_runs": len(own), "shared_with_study": len(done) - len(own),
             "run_seconds": sum(rec["result"]["seconds"] for rec in own),
             "first_finished": stamps[0] if stamps else None, "last_finished": stamps[-1] if stamps else None}
 

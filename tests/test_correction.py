@@ -59,3 +59,11 @@ def test_the_held_out_seed_is_in_no_estimate_and_the_pair_shares_its_lr():
     assert C.ARMS["recipe"][1] == C.ARMS["mars"][1] == "mars-adamw"  # both take MARS-AdamW's chosen lr
     assert (C.ARMS["recipe"][2], C.ARMS["mars"][2]) == (0.0, C.GAMMA)
     assert C.gamma_arm(0.0) == "recipe" and C.gamma_arm(C.GAMMA) == "mars" and C.gamma_arm(0.1) in C.ARMS
+
+
+def test_cost_counts_a_run_two_parts_share_once_and_only_this_scripts_own():
+    own = {"key": "a", "result": {"seconds": 100.0}, "finished_at": "2026-01-01T00:00:00+00:00"}
+    shared = {"key": "s", "result": {"seconds": 50.0}}
+    records = {"primary run": own, "own-lr run, same config": own, "study run": shared, "not run yet": None}
+    k = R.cost(records, {"a": own})
+    assert (k["own_runs"], k["shared_with_study"], k["run_seconds"]) == (1, 1, 100.0)
