@@ -243,8 +243,8 @@ def summarize(c: C.Correction, cache: dict) -> dict:
         grid = {r.factor: metric(rec, "final") for r, rec in records.items()
                 if r.part == "own-lr" and r.point == point and r.seed == C.HELD_OUT_SEED and rec is not None}
         f = plan.factors.get((point, "recipe-own-lr"))
-        at_own = {} if f is None else {r.seed: rec for r, rec in records.items() if r.part == "own-lr"
-                                       and r.point == point and r.factor == f and r.seed in C.SEEDS}
+        at_own = {} if f is None else {s: rec for s, rec in _by(records, "own-lr", point, "recipe", f).items()
+                                       if s in C.SEEDS}  # its grid's seed 0 at that lr is no estimate
         mars, adamw = _by(records, "primary", point, "mars"), _by(records, "primary", point, "adamw")
         own[point] = {"grid_seed0": grid, "chosen_factor": f, "mars_factor": plan.factors.get((point, "mars-adamw")),
                       "correction": {w: paired(_diffs(mars, at_own, w)) for w in METRICS},
@@ -356,8 +356,7 @@ def table_markdown(summary: dict) -> str:
         cells = []
         for f in factors:
             seeds = row.get(f, {})
-            cells.append(" ".join("·" if v is None else ("∞" if not math.isfinite(v) else f"{v:.3f}")
-                                  for _, v in sorted(seeds.items())))
+            cells.append(" ".join("·" if x is None else v(x) for _, x in sorted(seeds.items())))
         lines.append(f"| {gamma} | " + " | ".join(cells) + " |")
     k = summary["cost"]
     lines += ["", "## Cost", "",

@@ -386,9 +386,14 @@ def _unclipped(g: _Group, idx: int) -> Tensor:
     lists = g.lists
     if lists.branches[idx] == "fallback":
         return lists.grads[idx]
-    if g.cs is not None and g.cs[idx] is not None:
-        return g.cs[idx]
-    return _correction(lists.grads[idx], lists.g_prevs[idx], g.hyper.k)
+    return _kept_or_computed(g.cs, lists, idx, g.hyper.k)
+
+
+def _kept_or_computed(cs: list[Tensor | None] | None, lists: _Lists, i: int, k: float) -> Tensor:
+    """Tensor ``i``'s ``c_t``: the one pass 1 kept, or (not kept: a large tensor, or another impl) computed again."""
+    if cs is not None and cs[i] is not None:
+        return cs[i]
+    return _correction(lists.grads[i], lists.g_prevs[i], k)
 
 
 def _correction(g: Tensor, g_prev: Tensor | None, k: float) -> Tensor:
@@ -437,7 +442,7 @@ def _single_tensor_mars(lists: _Lists, h: Hyper, clip: list[Tensor], cs: list[Te
                          eps_first=h.preconditioner == "muon")
             continue
         # 1. correction:  c_t = g_t + γ·β1/(1−β1)·(g_t − g_prev)   (computed in pass 1)
-        c = cs[i] if cs is not None and cs[i] is not None else _correction(g, lists.g_prevs[i], h.k)
+        c = _kept_or_computed(cs, lists, i, h.k)
         # 2. clip:  c_t ← c_t · min(1, τ/‖c_t‖)
         if clip[i] is not None:
             c = c * clip[i]

@@ -338,8 +338,7 @@ def control_variate_on_model(model, batches, *, lr: float, steps: int, probe_at,
             model.eval()
             xi = [batches(generator) for _ in range(n_batches)]
             other = [batches(generator) for _ in range(n_batches)]
-            current = [p.detach().clone() for p in params]
-            X = _gradients_at(model, params, current, xi)
+            X = torch.stack([_flat_gradient(model, params, b) for b in xi])
             Ys = {"exact STORM": _gradients_at(model, params, history[-1], xi),
                   "SVRG": _gradients_at(model, params, history[-snapshot_lag], xi),
                   "approx MARS": _gradients_at(model, params, history[-1], other)}
